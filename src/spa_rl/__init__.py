@@ -1,0 +1,10 @@
+"""spa-rl: SPA (Self-Play Agent) for LLM agents, runnable on a laptop CPU and scalable to GPUs.
+
+Importing the package registers the gymnasium environments (`spa/Sokoban-v0`, ...). This module must never
+import heavy libraries (torch, transformers): the CLI and the environments stay quick to start.
+"""
+
+from spa_rl import envs
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "envs"]

@@ -1,0 +1,199 @@
+"""The `spa` command line.
+
+Subcommands parse arguments and call library functions; they hold no logic of their own beyond printing.
+User mistakes (`SpaError`) end with a one-line message and exit code 2; this module must never let a
+traceback reach the user for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from spa_rl import __version__
+from spa_rl.errors import SpaError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _make_env(name: str, seed: int, render: str, layout: str | None = None):
+    from spa_rl import envs
+
+    env = envs.make(name, render=render).unwrapped
+    options = None
+    if layout is not None:
+        try:
+            text = Path(layout).read_text(encoding="utf-8")
+        except OSError as e:
+            raise SpaError(f"cannot read layout file {layout}: {e.strerror}") from None
+        options = {"layout": text}
+    obs, info = env.reset(seed=seed, options=options)
+    return env, obs, info
+
+
+def cmd_env_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from spa_rl import envs
+
+    table = Table(title="Environments (spa env show NAME)")
+    for col in ("name", "description", "turns x actions/turn, actions/episode"):
+        table.add_column(col)
+    for v in envs.VARIANTS.values():
+        table.add_row(v.name, v.description, f"{v.max_turns} x {v.max_actions_per_turn}, {v.max_actions_per_episode}")
+    _console().print(table)
+    return 0
+
+
+def _moves(n: int) -> str:
+    return f"{n} move" if n == 1 else f"{n} moves"
+
+
+def _describe(env, info: dict) -> str:
+    lines = []
+    if info.get("optimal_moves") is not None:
+        lines.append(f"optimal solution: {_moves(info['optimal_moves'])}")
+    lines.append("actions: " + ", ".join(env.action_names))
+    return "\n".join(lines)
+
+
+def cmd_env_show(args: argparse.Namespace) -> int:
+    env, obs, info = _make_env(args.name, args.seed, args.render, args.layout)
+    con = _console()
+    con.print(f"[bold]{args.name}[/bold] seed {args.seed} ({args.render})")
+    con.print(obs, markup=False)
+    con.print(_describe(env, info), markup=False)
+    return 0
+
+
+def cmd_env_solve(args: argparse.Namespace) -> int:
+    env, obs, info = _make_env(args.name, args.seed, args.render, args.layout)
+    con = _console()
+    con.print(obs, markup=False)
+    plan = env.solve()
+    if plan is None:
+        con.print("no solution: this puzzle cannot be won from here")
+        return 1
+    con.print(f"optimal solution ({_moves(len(plan))}): " + " || ".join(plan), markup=False)
+    if getattr(env, "slippery", False):
+        con.print("the lake is slippery: this plan assumes every move goes as intended")
+        return 0
+    for action in plan:
+        obs, _, terminated, _, step_info = env.step(action)
+    con.print(obs, markup=False)
+    con.print("solved" if step_info.get("success") or not plan else "the plan did not solve the puzzle (a bug)")
+    return 0
+
+
+def cmd_env_play(args: argparse.Namespace) -> int:
+    env, obs, info = _make_env(args.name, args.seed, args.render, args.layout)
+    con = _console()
+    con.print(f"[bold]{args.name}[/bold] seed {args.seed}. Type actions ({', '.join(env.action_names)}; several "
+              "separated by '||'), or: hint, undo, restart, quit.")
+    start = env.snapshot()
+    history = []
+    total = 0.0
+    con.print(obs, markup=False)
+    if info.get("optimal_moves") is not None:
+        con.print(f"(solvable in {_moves(info['optimal_moves'])})")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            con.print()
+            return 0
+        if not line:
+            continue
+        cmd = line.lower()
+        if cmd in ("quit", "q", "exit"):
+            return 0
+        if cmd == "hint":
+            con.print(f"hint: {env.optimal_action() or 'no winning move from here'}", markup=False)
+            continue
+        if cmd in ("undo", "restart"):
+            if cmd == "restart":
+                history, total = [], 0.0
+                con.print(env.restore(start), markup=False)
+            elif history:
+                snap, total = history.pop()
+                con.print(env.restore(snap), markup=False)
+            else:
+                con.print("nothing to undo")
+            continue
+        for action in (a.strip() for a in line.split("||")):
+            history.append((env.snapshot(), total))
+            obs, reward, terminated, _, step_info = env.step(action)
+            total += reward
+            if not step_info["action_is_valid"]:
+                history.pop()
+                con.print(f"invalid action {action!r}: nothing changed", markup=False)
+                break
+            con.print(f"{action}: reward {reward:+g} (total {total:+g})"
+                      + ("" if step_info["action_is_effective"] else ", nothing moved"), markup=False)
+            if terminated:
+                break
+        con.print(obs, markup=False)
+        if env.done:
+            verdict = "[bold green]solved![/bold green]" if env.success else "[bold red]episode over[/bold red]"
+            con.print(verdict + " (undo or restart to continue, quit to leave)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from spa_rl.demo import run_demo
+
+    return run_demo(_console(), puzzles=args.puzzles, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from spa_rl.envs import RENDERS
+
+    parser = argparse.ArgumentParser(prog="spa", description="SPA (Self-Play Agent): world-model self-play "
+                                     "fine-tuning, then RL, for LLM agents on text puzzles.")
+    parser.add_argument("--version", action="version", version=f"spa-rl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the main job for now: generate, render, solve and play the puzzles "
+                          "with the scripted policies, and report success rates and speed")
+    demo.add_argument("--puzzles", type=int, default=200, help="puzzles per environment (default 200)")
+    demo.add_argument("--seed", type=int, default=0, help="first puzzle seed (default 0)")
+    demo.set_defaults(func=cmd_demo)
+
+    env = sub.add_parser("env", help="list, show, play and solve the environments")
+    env_sub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
+    p = env_sub.add_parser("list", help="the named environments")
+    p.set_defaults(func=cmd_env_list)
+    for name, func, text in (("show", cmd_env_show, "print a puzzle"),
+                             ("play", cmd_env_play, "play a puzzle in the terminal"),
+                             ("solve", cmd_env_solve, "print an optimal solution of a puzzle")):
+        p = env_sub.add_parser(name, help=text)
+        p.add_argument("name", help="environment name (see `spa env list`)")
+        p.add_argument("--seed", type=int, default=0, help="puzzle seed (default 0)")
+        p.add_argument("--render", choices=RENDERS, default="grid+coords",
+                       help="state text: the grid, or the grid plus coordinates (default)")
+        p.add_argument("--layout", metavar="FILE", help="load the puzzle from a text file (its grid render) "
+                       "instead of generating it")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpaError as e:
+        print(f"spa: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("spa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
