@@ -134,9 +134,9 @@ def main() -> None:
           f"Python {platform.python_version()}; median of {args.rounds} alternating rounds of {args.seconds:g} s")
     print(f"{'measure':<42} {'spa-rl':>12} {'gym-sokoban':>12} {'ratio':>8}")
     for label, name, dim, nb in CONFIGS:
-        for what, ours_fn, theirs_fn, unit in (
-            ("levels generated/s", ours_generate(name), theirs_generate(generate_room, dim, nb), "levels"),
-            ("steps/s", ours_step(name, actions), theirs_step(SokobanEnv, dim, nb, actions), "steps"),
+        for what, ours_fn, theirs_fn in (
+            ("levels generated/s", ours_generate(name), theirs_generate(generate_room, dim, nb)),
+            ("steps/s", ours_step(name, actions), theirs_step(SokobanEnv, dim, nb, actions)),
         ):
             a, b = [], []
             for _ in range(args.rounds):
