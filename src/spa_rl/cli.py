@@ -150,6 +150,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_console(), puzzles=args.puzzles, seed=args.seed)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from spa_rl import envs
+    from spa_rl.evaluation import evaluate, metrics_table
+
+    envs.get_variant(args.env)  # unknown names fail before any model is loaded
+    if args.policy != "model" and args.model:
+        raise SpaError("--model is for --policy model; scripted policies need no model")
+    metrics = evaluate(args.env, model=args.model, policy=args.policy, render=args.render, fmt=args.format,
+                       puzzles=args.puzzles, samples=args.samples, temperature=args.temperature,
+                       max_new_tokens=args.max_new_tokens, out=args.out, backend=args.backend, device=args.device,
+                       dtype=args.dtype, seed=args.seed, max_concurrent=args.concurrent)
+    who = (args.model or "smollm2-135m") if args.policy == "model" else f"{args.policy} policy"
+    _console().print(metrics_table(metrics, title=f"{who} on {args.env} ({args.render}, {args.format}), "
+                                                 f"{args.puzzles} puzzles x {args.samples} samples"))
+    if args.out:
+        _console().print(f"wrote {args.out}/metrics.json and {args.out}/trajectories.jsonl")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from spa_rl.envs import RENDERS
 
@@ -163,6 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--puzzles", type=int, default=200, help="puzzles per environment (default 200)")
     demo.add_argument("--seed", type=int, default=0, help="first puzzle seed (default 0)")
     demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="evaluate a model (or a scripted policy) on validation puzzles: Pass@k, "
+                        "action statistics, world-model accuracy")
+    ev.add_argument("--model", help="embedded name (default smollm2-135m), local directory (HF format or LoRA "
+                    "adapter) or Hugging Face id already in the local cache")
+    ev.add_argument("--env", required=True, help="environment name (see `spa env list`)")
+    ev.add_argument("--render", choices=RENDERS, default="grid+coords", help="state text (default grid+coords)")
+    ev.add_argument("--format", choices=("world-model", "plain"), default="world-model",
+                    help="response format asked of the agent (default world-model)")
+    ev.add_argument("--puzzles", type=_positive_int, default=32, help="validation puzzles (default 32)")
+    ev.add_argument("--samples", type=_positive_int, default=8, help="samples per puzzle (default 8)")
+    ev.add_argument("--temperature", type=_temperature, default=1.0, help="sampling temperature (default 1.0)")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens per response (default 256)")
+    ev.add_argument("--policy", choices=("model", "random", "solver"), default="model",
+                    help="who plays: the model (default) or a scripted policy")
+    ev.add_argument("--out", help="directory for metrics.json and trajectories.jsonl")
+    ev.add_argument("--backend", choices=("kv", "hf"), default="kv", help="generation backend (default kv)")
+    ev.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    ev.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="default auto")
+    ev.add_argument("--concurrent", type=_positive_int, default=32, help="episodes per batch (default 32)")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ev.set_defaults(func=cmd_eval)
 
     env = sub.add_parser("env", help="list, show, play and solve the environments")
     env_sub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")

@@ -168,8 +168,7 @@ class KVCacheBackend:
             return False
         return True
 
-    def _prefill(self, prompts: list[list[int]], max_new_tokens: int, device: Any) -> tuple[Any, torch.Tensor,
-                                                                                             torch.Tensor, torch.Tensor]:
+    def _prefill(self, prompts: list[list[int]], max_new_tokens: int, device: Any) -> tuple:
         """Prefill with sharing: identical prompts are computed once, and the prefix common to all of them is
         computed once and copied. Returns (cache, attention mask [n, width + max_new], last logits [n, V],
         position of each row's last prompt token [n])."""

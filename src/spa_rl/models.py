@@ -167,7 +167,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     A directory holding a LoRA adapter (`adapter_config.json`) loads its base model (itself any of the above)
     and applies the adapter, merged into the weights unless `merge_adapter=False`.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()

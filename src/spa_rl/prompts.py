@@ -50,7 +50,7 @@ def parse_response(text: object, fmt: str = "world-model") -> ParsedResponse:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
         return _parse(text if isinstance(text, str) else "", fmt)
-    except Exception:  # noqa: BLE001 - defensive: the parser must never take a rollout down
+    except Exception:
         return ParsedResponse()
 
 

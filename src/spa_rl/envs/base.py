@@ -28,7 +28,7 @@ RENDERS: tuple[str, ...] = ("grid", "grid+coords")
 """The two render modes: the raw symbol grid, and the grid followed by a line of entity coordinates."""
 
 _BASE_CHARSET = frozenset(string.printable) | {"√"}
-_COORDS_SENTENCE = re.compile(r"\b(?:is|are) (?:at|no)\b")
+COORDS_SENTENCE = re.compile(r"\b(?:is|are) (?:at|no)\b")
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def layout_lines(text: str, name: str) -> list[str]:
     lines = [ln.rstrip("\r") for ln in text.strip("\n").split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
-    if len(lines) > 1 and _COORDS_SENTENCE.search(lines[-1]):
+    if len(lines) > 1 and COORDS_SENTENCE.search(lines[-1]):
         lines.pop()  # a grid+coords render: its sentence of coordinates is derived, so ignore it
     if not lines:
         raise LayoutError(f"{name} layout is empty: give the grid, one row per line")

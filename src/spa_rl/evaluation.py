@@ -1,0 +1,157 @@
+"""Evaluation: Pass@k, action statistics and world-model accuracy on a fixed validation seed set.
+
+Pass@k is the unbiased estimator 1 − C(n−c, k)/C(n, k) of SPEC §7, per puzzle, averaged; `any@n` is "at least
+one of the n samples succeeded" (what the reference code calls pass@8). World-model accuracy compares the
+agent's own `<observation>` and `<prediction>` with the true states, exactly (after whitespace normalisation)
+and cell by cell on the grid. No maintained library computes these for multi-turn text agents, so they are
+here. This module must never touch a model or an env: it only reads episodes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from spa_rl.envs.base import COORDS_SENTENCE
+from spa_rl.rollout import Episode
+
+VALIDATION_SEED_OFFSET = 1_000_000_000
+"""Validation puzzles use seeds from here on; training uses seeds below it, so the two never overlap."""
+PASS_KS = (1, 2, 4, 8, 16)
+
+
+def validation_seeds(n: int) -> list[int]:
+    """The fixed validation puzzle seeds (the same at every evaluation)."""
+    return [VALIDATION_SEED_OFFSET + i for i in range(n)]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased probability that at least one of k samples, drawn from n with c successes, succeeds."""
+    if k > n:
+        raise ValueError(f"k={k} > n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def normalize_state(text: str | None) -> str:
+    """Lines stripped, blank lines dropped."""
+    if not text:
+        return ""
+    return "\n".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def grid_cells(text: str | None) -> list[list[str]]:
+    """The grid part of a state text as rows of cells (a line with spaces is split on them, as in Sudoku)."""
+    rows = []
+    for line in normalize_state(text).splitlines():
+        if COORDS_SENTENCE.search(line):
+            continue
+        rows.append(line.split() if " " in line else list(line))
+    return rows
+
+
+def cell_accuracy(predicted: str | None, true: str) -> float:
+    """Share of the true grid's cells that the predicted grid has at the same row and column."""
+    truth = grid_cells(true)
+    guess = grid_cells(predicted)
+    total = sum(len(r) for r in truth)
+    if total == 0:
+        return 0.0
+    hits = sum(1 for r, row in enumerate(truth) for c, cell in enumerate(row)
+               if r < len(guess) and c < len(guess[r]) and guess[r][c] == cell)
+    return hits / total
+
+
+def compute_metrics(episodes: Sequence[Episode], samples: int) -> dict:
+    """All evaluation metrics of a set of episodes (`samples` per puzzle seed)."""
+    by_seed: dict[int, list[Episode]] = {}
+    for e in episodes:
+        by_seed.setdefault(e.seed, []).append(e)
+    counts = {s: (len(es), sum(e.success for e in es)) for s, es in by_seed.items()}
+    metrics: dict = {"puzzles": len(by_seed), "samples": samples, "episodes": len(episodes)}
+    metrics["pass@1"] = float(np.mean([e.success for e in episodes])) if episodes else 0.0
+    for k in PASS_KS:
+        if k <= samples:
+            metrics[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for n, c in counts.values()]))
+    metrics[f"any@{samples}"] = float(np.mean([c > 0 for _, c in counts.values()])) if counts else 0.0
+    metrics["success_per_puzzle"] = {str(s): c / n for s, (n, c) in counts.items()}
+
+    turns = [t for e in episodes for t in e.turns]
+    valid = [v for t in turns for v in t.valid]
+    effective = [v for t in turns for v in t.effective]
+    attempted = sum(len(t.actions) for t in turns)
+    metrics["action_valid_rate"] = sum(valid) / attempted if attempted else 0.0
+    metrics["action_effective_rate"] = sum(effective) / attempted if attempted else 0.0
+    metrics["mean_actions"] = float(np.mean([e.num_actions for e in episodes])) if episodes else 0.0
+    metrics["mean_turns"] = float(np.mean([len(e.turns) for e in episodes])) if episodes else 0.0
+    metrics["mean_reward"] = float(np.mean([e.total_reward for e in episodes])) if episodes else 0.0
+    metrics["mean_response_tokens"] = float(np.mean([len(t.response_ids) for t in turns])) if turns else 0.0
+    metrics["truncated_rate"] = float(np.mean([t.truncated for t in turns])) if turns else 0.0
+    metrics["format_rate"] = float(np.mean([t.parsed.format_ok for t in turns])) if turns else 0.0
+    for name, guess, truth in (("observation", "observation", "state_before"),
+                               ("prediction", "prediction", "state_after")):
+        pairs = [(getattr(t.parsed, guess), getattr(t, truth)) for t in turns]
+        metrics[f"{name}_exact"] = (float(np.mean([normalize_state(g) == normalize_state(s) for g, s in pairs]))
+                                    if pairs else 0.0)
+        metrics[f"{name}_cell_acc"] = float(np.mean([cell_accuracy(g, s) for g, s in pairs])) if pairs else 0.0
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ the command
+def evaluate(env: str, model: str | None = None, policy: str = "model", render: str = "grid+coords",
+             fmt: str = "world-model", puzzles: int = 32, samples: int = 8, temperature: float = 1.0,
+             max_new_tokens: int = 256, out: str | None = None, backend: str = "kv", device: str = "auto",
+             dtype: str = "auto", seed: int = 0, max_concurrent: int = 32, quiet: bool = False) -> dict:
+    """Run `samples` episodes on each of `puzzles` validation puzzles and return the metrics.
+
+    With `out`, writes `out/metrics.json` and `out/trajectories.jsonl` (atomically).
+    """
+    from spa_rl.generation import SamplingConfig, make_backend
+    from spa_rl.io import atomic_write_json, atomic_write_jsonl, writable_dir
+    from spa_rl.progress import progress_bar
+    from spa_rl.rollout import RolloutConfig, RolloutEngine
+
+    out_dir = writable_dir(out) if out else None
+    config = RolloutConfig(env=env, render=render, format=fmt, max_concurrent=max_concurrent,
+                           sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
+    if policy == "model":
+        from spa_rl.models import DEFAULT_MODEL, load_model
+
+        loaded = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
+        engine = RolloutEngine(config, make_backend(backend, loaded.model, loaded.tokenizer), loaded.tokenizer)
+        model_desc = {"model": loaded.name, "path": loaded.path, "device": loaded.device, "dtype": str(loaded.dtype)}
+    else:
+        engine = RolloutEngine(config, policy=policy)
+        model_desc = {"model": None}
+    seeds = validation_seeds(puzzles)
+    with progress_bar(transient=quiet) as bar:
+        task = bar.add_task(f"eval {env} ({policy})", total=puzzles * samples, unit="episodes")
+        episodes = engine.run(seeds, group_size=samples, seed=seed, progress=lambda n: bar.advance(task, n))
+    metrics = compute_metrics(episodes, samples)
+    metrics["config"] = {"env": env, "policy": policy, "render": render, "format": fmt, "puzzles": puzzles,
+                         "samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
+                         "backend": backend, "seed": seed, "first_seed": seeds[0], **model_desc}
+    if out_dir is not None:
+        atomic_write_jsonl(out_dir / "trajectories.jsonl", (e.to_json() for e in episodes))
+        atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def metrics_table(metrics: dict, title: str = "evaluation"):
+    """A rich table of the headline metrics."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    keys = [k for k in metrics if k.startswith(("pass@", "any@"))] + [
+        "format_rate", "action_valid_rate", "action_effective_rate", "mean_actions", "mean_turns", "mean_reward",
+        "mean_response_tokens", "observation_exact", "observation_cell_acc", "prediction_exact",
+        "prediction_cell_acc"]
+    for k in keys:
+        v = metrics.get(k)
+        table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    return table

@@ -1,0 +1,342 @@
+"""The rollout engine: many multi-turn episodes at once, recording everything training needs.
+
+Episodes run in groups of samples that share a puzzle seed. At each round, every active episode's prompt is
+generated in one batch; responses are parsed, their actions executed under the turn, per-turn and
+per-episode limits, and finished episodes leave the batch while waiting ones take their place (batching at
+the turn level). Each turn records the prompt and response token ids, the sampled tokens' log-probabilities,
+the true state before and after the turn's actions, the reward and the parsed response. Token ids are built
+incrementally (the next prompt is the previous prompt, the response, and the chat template's continuation), so
+`Episode.tokens()` gives the whole conversation with an exact mask of the assistant's tokens.
+
+No maintained library runs text-game episodes with multi-turn chat, per-turn action limits and these
+records, so this loop is ours. It must never depend on a model family (it asks the tokenizer's chat template)
+and never let model text raise (the parser and the envs absorb anything).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from spa_rl import envs
+from spa_rl.envs.base import PuzzleEnv
+from spa_rl.generation import GenerationBackend, SamplingConfig
+from spa_rl.policies import random_action
+from spa_rl.prompts import FORMATS, ParsedResponse, first_messages, format_response, parse_response, turn_message
+
+FORMAT_PENALTY = -0.1
+_SENTINEL = "\ue000spa-sentinel\ue001"
+
+
+@dataclass
+class RolloutConfig:
+    """What to play and under which limits."""
+
+    env: str = "sokoban"
+    """Variant name (`spa env list`)."""
+    render: str = "grid+coords"
+    """State text: `grid` or `grid+coords`."""
+    format: str = "world-model"
+    """Response format the agent is asked for: `world-model` or `plain`."""
+    max_turns: int | None = None
+    """Assistant turns per episode (None: the variant's, 5)."""
+    max_actions_per_turn: int | None = None
+    """Actions executed per turn at most (None: the variant's, 5)."""
+    max_actions_per_episode: int | None = None
+    """Actions executed per episode at most (None: the variant's)."""
+    format_penalty: float = FORMAT_PENALTY
+    """Reward of a turn whose response breaks the format or holds no valid action; nothing is executed then
+    when the format is broken."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Sampling of responses."""
+    max_concurrent: int = 32
+    """Episodes generated in one batch."""
+    env_overrides: dict = field(default_factory=dict)
+    """Extra constructor arguments of the env (e.g. `{"dim": (7, 7)}`)."""
+
+    def limits(self) -> tuple[int, int, int]:
+        v = envs.get_variant(self.env)
+        return (self.max_turns or v.max_turns, self.max_actions_per_turn or v.max_actions_per_turn,
+                self.max_actions_per_episode or v.max_actions_per_episode)
+
+
+@dataclass
+class Turn:
+    """One assistant turn and its consequences."""
+
+    turn: int
+    """1-based turn number."""
+    prompt_ids: list[int]
+    """Every token the model saw before this response (the whole conversation so far)."""
+    response_ids: list[int]
+    """The sampled tokens (with the stop token when one ended the response)."""
+    logprobs: list[float]
+    """Log-probability of each response token under the sampling distribution."""
+    response: str
+    """The response text (special tokens removed)."""
+    parsed: ParsedResponse
+    state_before: str
+    """True state at the start of the turn, in the run's render."""
+    state_after: str
+    """True state after the turn's actions."""
+    actions: list[str]
+    """The actions executed (the parsed ones within the limits; none when the format was broken)."""
+    valid: list[bool]
+    effective: list[bool]
+    reward: float
+    """Environment reward of the executed actions plus the format penalty, if any."""
+    penalized: bool
+    truncated: bool
+    """The response hit `max_new_tokens` without a stop token."""
+
+
+@dataclass
+class Episode:
+    """A whole episode of one puzzle sample."""
+
+    env: str
+    seed: int
+    sample: int
+    """Index of this sample within its group (the puzzle's samples)."""
+    messages: list[dict[str, str]]
+    """The chat, as text."""
+    turns: list[Turn] = field(default_factory=list)
+    success: bool = False
+    done: bool = False
+    """The env reached a terminal state."""
+    num_actions: int = 0
+    info: dict = field(default_factory=dict)
+    """Reset info of the puzzle (e.g. Sokoban's `optimal_moves`)."""
+
+    @property
+    def total_reward(self) -> float:
+        return float(sum(t.reward for t in self.turns))
+
+    def tokens(self) -> tuple[list[int], list[int]]:
+        """The whole conversation's token ids and a mask that is 1 exactly on the assistant's tokens."""
+        if not self.turns:
+            return [], []
+        last = self.turns[-1]
+        ids = last.prompt_ids + last.response_ids
+        mask = [0] * len(ids)
+        for t in self.turns:
+            start = len(t.prompt_ids)
+            mask[start:start + len(t.response_ids)] = [1] * len(t.response_ids)
+        return ids, mask
+
+    def to_json(self, with_tokens: bool = False) -> dict:
+        """A JSON-ready record (token ids and log-probs only if asked)."""
+        turns = []
+        for t in self.turns:
+            d = asdict(t)
+            if not with_tokens:
+                for k in ("prompt_ids", "response_ids", "logprobs"):
+                    d.pop(k)
+            turns.append(d)
+        return {"env": self.env, "seed": self.seed, "sample": self.sample, "success": self.success,
+                "total_reward": self.total_reward, "num_actions": self.num_actions, "info": self.info,
+                "messages": self.messages, "turns": turns}
+
+
+# ------------------------------------------------------------------------------------------ chat tokens
+class ChatTokens:
+    """Token ids of a conversation, grown turn by turn with the tokenizer's own chat template."""
+
+    def __init__(self, tokenizer: Any, stop_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_texts = {int(i): tokenizer.decode([int(i)]) for i in stop_ids}
+
+    def _template(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except Exception:
+            if messages and messages[0]["role"] == "system":
+                merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+                return self.tokenizer.apply_chat_template(merged + messages[2:], tokenize=False,
+                                                          add_generation_prompt=generation_prompt)
+            raise
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def first(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.encode(self._template(messages, True))
+
+    def continuation(self, messages: list[dict[str, str]], response_ids: list[int], next_user: str) -> list[int]:
+        """Tokens that follow an assistant response: end of its turn, the next user message, the reply prompt."""
+        text = self._template(messages + [{"role": "assistant", "content": _SENTINEL},
+                                          {"role": "user", "content": next_user}], True)
+        glue = text[text.rfind(_SENTINEL) + len(_SENTINEL):]
+        if response_ids and response_ids[-1] in self.stop_texts:
+            stop = self.stop_texts[response_ids[-1]]
+            if glue.startswith(stop):
+                glue = glue[len(stop):]
+        return self.encode(glue)
+
+
+# ------------------------------------------------------------------------------------------ policies
+Responder = Callable[[list["_Live"]], list[tuple[str, list[int], list[float], bool]]]
+
+
+@dataclass
+class _Live:
+    """An episode in progress."""
+
+    episode: Episode
+    env: PuzzleEnv
+    prompt_ids: list[int]
+    actions_left: int
+
+
+def _simulate(env: PuzzleEnv, choose: Callable[[], str | None], limit: int) -> tuple[list[str], str]:
+    """Pick up to `limit` actions by `choose` on the env, then put it back: (actions, state after them)."""
+    snap = env.snapshot()
+    actions = []
+    for _ in range(limit):
+        a = choose()
+        if a is None:
+            break
+        env.step(a)
+        actions.append(a)
+        if env.done:
+            break
+    after = env.render_text()
+    env.restore(snap)
+    return actions, after
+
+
+def scripted_response(env: PuzzleEnv, policy: str, limit: int, fmt: str, rng: np.random.Generator) -> str:
+    """A `random` or `solver` turn written in the protocol, with the true current and predicted states.
+
+    The prediction simulates the actions on a snapshot that includes the env's random generator, so it is the
+    state the env will really reach (on a slippery lake the solver also reacts to slips within its turn).
+    """
+    if policy == "solver":
+        actions, after = _simulate(env, env.optimal_action, limit)
+        reasoning = ("The optimal next moves are " + ", ".join(actions) + "." if actions
+                     else "No move can win from here.")
+        actions = actions or [env.action_names[0]]
+    elif policy == "random":
+        k = int(rng.integers(1, limit + 1))
+        actions, after = _simulate(env, lambda: random_action(env, rng), k)
+        reasoning = "I will try " + ", ".join(actions) + "."
+    else:
+        raise ValueError(f"unknown scripted policy {policy!r}")
+    return format_response(env.render_text(), reasoning, after, actions, fmt)
+
+
+# ------------------------------------------------------------------------------------------ engine
+class RolloutEngine:
+    """Plays episodes with a model (through a generation backend) or a scripted policy."""
+
+    def __init__(self, config: RolloutConfig, backend: GenerationBackend | None = None, tokenizer: Any = None,
+                 policy: str = "model") -> None:
+        if config.format not in FORMATS:
+            from spa_rl.errors import SpaError
+
+            raise SpaError(f"unknown format {config.format!r}: use one of {', '.join(FORMATS)}")
+        envs.get_variant(config.env)  # fail early on unknown names
+        self.config = config
+        self.policy = policy
+        self.backend = backend
+        self.tokenizer = tokenizer
+        if policy == "model":
+            if backend is None or tokenizer is None:
+                raise ValueError("policy 'model' needs a generation backend and a tokenizer")
+            self.chat = ChatTokens(tokenizer, getattr(backend, "stop_ids", [tokenizer.eos_token_id]))
+
+    def _start(self, seed: int, sample: int) -> _Live:
+        cfg = self.config
+        env = envs.make(cfg.env, render=cfg.render, **cfg.env_overrides).unwrapped
+        obs, info = env.reset(seed=seed)
+        _, per_turn, per_episode = cfg.limits()
+        messages = first_messages(env, obs, cfg.render, cfg.format, per_turn, per_episode,
+                                  cfg.sampling.max_new_tokens)
+        ep = Episode(cfg.env, seed, sample, messages, info={k: v for k, v in info.items()
+                                                              if k not in ("success", "action_is_valid",
+                                                                           "action_is_effective")})
+        prompt = self.chat.first(messages) if self.policy == "model" else []
+        return _Live(ep, env, prompt, per_episode)
+
+    def _respond(self, live: list[_Live], generator: torch.Generator | None,
+                 rng: np.random.Generator) -> list[tuple[str, list[int], list[float], bool]]:
+        if self.policy == "model":
+            gens = self.backend.generate([lv.prompt_ids for lv in live], self.config.sampling, generator)
+            return [(self.tokenizer.decode(g.token_ids, skip_special_tokens=True), g.token_ids, g.logprobs,
+                     not g.finished) for g in gens]
+        _, per_turn, _ = self.config.limits()
+        return [(scripted_response(lv.env, self.policy, min(per_turn, lv.actions_left), self.config.format, rng),
+                 [], [], False) for lv in live]
+
+    def _apply(self, lv: _Live, text: str, ids: list[int], logprobs: list[float], truncated: bool) -> None:
+        cfg = self.config
+        max_turns, per_turn, _ = cfg.limits()
+        ep, env = lv.episode, lv.env
+        parsed = parse_response(text, cfg.format)
+        before = env.render_text()
+        actions = parsed.actions[:min(per_turn, lv.actions_left)] if parsed.format_ok else []
+        reward, valid, effective = 0.0, [], []
+        for a in actions:
+            _, r, terminated, _, info = env.step(a)
+            reward += r
+            valid.append(info["action_is_valid"])
+            effective.append(info["action_is_effective"])
+            if terminated:
+                break
+        executed = actions[:len(valid)]
+        penalized = not parsed.format_ok or not any(valid)
+        if penalized:
+            reward += cfg.format_penalty
+        lv.actions_left -= len(executed)
+        ep.num_actions += len(executed)
+        turn_no = len(ep.turns) + 1
+        ep.turns.append(Turn(turn_no, lv.prompt_ids, ids, logprobs, text, parsed, before, env.render_text(),
+                             executed, valid, effective, round(reward, 6), penalized, truncated))
+        ep.messages.append({"role": "assistant", "content": text})
+        ep.success = env.success
+        ep.done = env.done or turn_no >= max_turns or lv.actions_left <= 0
+        if not ep.done:
+            user = turn_message(turn_no + 1, env.render_text(), lv.actions_left, cfg.format,
+                                cfg.sampling.max_new_tokens, reward=round(reward, 6))
+            if self.policy == "model":
+                lv.prompt_ids = lv.prompt_ids + ids + self.chat.continuation(ep.messages, ids, user)
+            ep.messages.append({"role": "user", "content": user})
+
+    def run(self, seeds: Sequence[int], group_size: int = 1, seed: int = 0,
+            progress: Callable[[int], None] | None = None) -> list[Episode]:
+        """Play `group_size` samples of each puzzle seed; return episodes in (seed, sample) order.
+
+        `seed` fixes the sampling randomness; `progress(n)` is called as episodes finish.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        pending = iter(itertools.product(seeds, range(group_size)))
+        finished: list[Episode] = []
+        active: list[_Live] = []
+        while True:
+            while len(active) < self.config.max_concurrent:
+                nxt = next(pending, None)
+                if nxt is None:
+                    break
+                active.append(self._start(*nxt))
+            if not active:
+                break
+            for lv, out in zip(active, self._respond(active, generator, rng), strict=True):
+                self._apply(lv, *out)
+            still = []
+            for lv in active:
+                if lv.episode.done:
+                    finished.append(lv.episode)
+                    if progress is not None:
+                        progress(1)
+                else:
+                    still.append(lv)
+            active = still
+        order = {s: i for i, s in enumerate(seeds)}
+        return sorted(finished, key=lambda e: (order[e.seed], e.sample))
