@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from spa_rl.generation import KVCacheBackend, SamplingConfig, make_backend, sample_next
 from spa_rl.errors import SpaError
+from spa_rl.generation import KVCacheBackend, SamplingConfig, make_backend, sample_next
 
 
 def _fresh_logprobs(model, prompt, response, temperature):

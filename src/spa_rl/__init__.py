@@ -10,7 +10,7 @@ import os
 # cache. Set before transformers/huggingface_hub are imported (they read it once). HF_HUB_OFFLINE=0 overrides.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from spa_rl import envs  # noqa: E402  (registers the gymnasium ids)
+from spa_rl import envs
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "envs"]
