@@ -136,3 +136,29 @@ def test_random_policy_success_matches_direct_simulation():
     direct = np.mean(wins)
     se = np.sqrt(direct * (1 - direct) / 400 * 2)
     assert abs(rollout_rate - direct) < 3 * se + 0.01, (rollout_rate, direct)
+
+
+@pytest.mark.parametrize("max_concurrent", [4, 8])
+def test_kv_reuse_across_turns_with_early_stops_and_new_rows(tokenizer, max_concurrent):
+    """Rows stop at random points (a biased stop token), finished rows leave the batch, new episodes join
+    continuing ones: every turn's log-probs must still equal a fresh forward pass of the whole conversation."""
+    model = build_tiny_model(tokenizer, seed=3)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 8.0  # about a 6% chance to stop at each step
+    model.lm_head = head
+    backend = KVCacheBackend(model, tokenizer)
+    config = RolloutConfig(env="sokoban", sampling=SamplingConfig(max_new_tokens=12), max_concurrent=max_concurrent)
+    episodes = RolloutEngine(config, backend, tokenizer).run([1, 2, 3], group_size=2, seed=4)
+    stops = [t.response_ids[-1] == tokenizer.eos_token_id for e in episodes for t in e.turns]
+    assert any(stops) and not all(stops), "the test needs both stopped and truncated responses"
+    for e in episodes:
+        ids, mask = e.tokens()
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        pos = [i - 1 for i, m in enumerate(mask) if m]
+        fresh = logp[pos, torch.tensor(ids)[[p + 1 for p in pos]]]
+        recorded = torch.tensor([lp for t in e.turns for lp in t.logprobs])
+        assert torch.allclose(recorded, fresh, atol=3e-4), (recorded - fresh).abs().max()

@@ -139,23 +139,50 @@ def _register_decode_attention() -> None:
     AttentionMaskInterface.register("spa_decode", sdpa_mask)
 
 
-class KVCacheBackend:
-    """Our decode loop: one batched prefill, then one token per step into a preallocated (static) KV cache.
+@dataclass
+class _Stored:
+    """The KV cache a previous `generate` call left behind, row by row, for prompts that continue it."""
 
-    Logits are computed for the last position only; sampling is one fused step for the whole batch; rows
-    that finish are dropped from the batch (and cache) once a quarter of it has finished. On CPU the model's
-    attention is switched to `decode_attention` (identical maths, a faster kernel for single-token steps).
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    """[rows, columns] 1 where a column holds one of the row's tokens."""
+    next_pos: torch.Tensor
+    """Position id of each row's next token."""
+    seqs: list[list[int]]
+    """The tokens each row's cache holds (its prompt and all but the last response token)."""
+    index: dict[tuple[int, int], int]
+    """(length, hash of the tokens) -> row."""
+
+
+class KVCacheBackend:
+    """Our decode loop: a batched prefill, then one token per step into a preallocated (static) KV cache.
+
+    - Logits are computed for the last position only; sampling is one fused step for the whole batch.
+    - Prefill is shared: identical prompts are computed once, and a prefix common to all of them once.
+    - Multi-turn reuse: the cache of the previous call is kept, and a prompt that continues one of its rows
+      (the next turn of the same conversation) only prefills its new tokens.
+    - Rows that finish leave the batch once a quarter of it has finished (their cache is set aside for reuse).
+    - On CPU the model's attention is switched to `decode_attention` (same maths, a faster kernel for
+      single-token steps).
+    Rows may have holes (padding) anywhere: the attention mask and explicit position ids take care of them.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, compact_every: float = 0.25) -> None:
+    def __init__(self, model: Any, tokenizer: Any, compact_every: float = 0.25, reuse: bool = True) -> None:
         self.model = model
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.compact_every = compact_every
+        self.reuse = reuse
+        self._stored: _Stored | None = None
         device = next(model.parameters()).device
         if device.type == "cpu" and getattr(model.config, "_attn_implementation", None) in ("sdpa", "spa_decode"):
             _register_decode_attention()
             model.set_attn_implementation("spa_decode")
+
+    def reset(self) -> None:
+        """Forget the kept cache (frees its memory)."""
+        self._stored = None
 
     @staticmethod
     def _select_rows(cache: Any, index: torch.Tensor) -> bool:
@@ -168,12 +195,21 @@ class KVCacheBackend:
             return False
         return True
 
-    def _prefill(self, prompts: list[list[int]], max_new_tokens: int, device: Any) -> tuple:
-        """Prefill with sharing: identical prompts are computed once, and the prefix common to all of them is
-        computed once and copied. Returns (cache, attention mask [n, width + max_new], last logits [n, V],
-        position of each row's last prompt token [n])."""
+    def _new_cache(self, max_len: int) -> Any:
         from transformers import StaticCache
 
+        return StaticCache(config=self.model.config, max_cache_len=max_len)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+                 start: int) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1,
+                         cache_position=torch.arange(start, start + ids.shape[1], device=ids.device))
+        return out.logits[:, -1, :]
+
+    def _prefill(self, prompts: list[list[int]], max_new_tokens: int, device: Any) -> tuple:
+        """Fresh prefill with sharing. Returns (cache, mask [n, width + max_new], last logits [n, V],
+        position of each row's last prompt token [n])."""
         unique: dict[tuple[int, ...], int] = {}
         row_of = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
         uniq = [list(p) for p in unique]
@@ -181,47 +217,111 @@ class KVCacheBackend:
         common = 0
         while common < shortest - 1 and all(p[common] == uniq[0][common] for p in uniq):
             common += 1
-        suffixes = [p[common:] for p in uniq]
-        ids, suffix_mask = _left_pad(suffixes, self.pad_id, device)
-        width = common + ids.shape[1]
-        cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
         u = len(uniq)
+        ids, suffix_mask = _left_pad([p[common:] for p in uniq], self.pad_id, device)
+        width = common + ids.shape[1]
+        cache = self._new_cache(width + max_new_tokens)
         mask = torch.zeros((u, width + max_new_tokens), dtype=torch.long, device=device)
         mask[:, :common] = 1
         mask[:, common:width] = suffix_mask
-        shareable = common > 0
-        if shareable:
+        if common > 0:
             prefix = torch.tensor([uniq[0][:common]], dtype=torch.long, device=device)
-            self.model(input_ids=prefix, attention_mask=mask[:1], past_key_values=cache, use_cache=True,
-                       logits_to_keep=1, cache_position=torch.arange(common, device=device))
-            shareable = self._select_rows(cache, torch.zeros(u, dtype=torch.long, device=device))
-        if not shareable:  # no common prefix (or unknown cache layout): plain left-padded prefill
-            cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
+            self._forward(prefix, mask[:1], torch.arange(common, device=device)[None], cache, 0)
+            if not self._select_rows(cache, torch.zeros(u, dtype=torch.long, device=device)):
+                common = -1
+        if common < 0:  # unknown cache layout: plain left-padded prefill
+            cache = self._new_cache(width + max_new_tokens)
             ids, pmask = _left_pad(uniq, self.pad_id, device)
             mask = torch.cat([pmask, torch.zeros((u, max_new_tokens), dtype=torch.long, device=device)], dim=1)
             common = 0
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)[:, common:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1, cache_position=torch.arange(common, width, device=device))
-        logits, last = out.logits[:, -1, :], positions[:, -1]
+        logits, last = self._forward(ids, mask, positions, cache, common), positions[:, -1]
         if u < len(prompts):
             index = torch.tensor(row_of, dtype=torch.long, device=device)
-            if self._select_rows(cache, index):
-                return cache, mask[index], logits[index], last[index]
-            return self._prefill_plain(prompts, max_new_tokens, device)
+            if not self._select_rows(cache, index):
+                raise RuntimeError("cannot duplicate rows of this KV cache")
+            return cache, mask[index], logits[index], last[index]
         return cache, mask, logits, last
 
-    def _prefill_plain(self, prompts: list[list[int]], max_new_tokens: int, device: Any) -> tuple:
-        from transformers import StaticCache
+    def _match(self, prompts: list[list[int]]) -> list[int]:
+        """For each prompt, the stored row whose tokens it continues (-1 if none)."""
+        st = self._stored
+        if st is None:
+            return [-1] * len(prompts)
+        lengths = sorted({n for n, _ in st.index}, reverse=True)
+        rows = []
+        for p in prompts:
+            row = -1
+            for n in lengths:
+                if n < len(p):
+                    r = st.index.get((n, hash(tuple(p[:n]))))
+                    if r is not None and st.seqs[r] == p[:n]:
+                        row = r
+                        break
+            rows.append(row)
+        return rows
 
-        ids, pmask = _left_pad(prompts, self.pad_id, device)
-        n, width = ids.shape
-        cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
-        mask = torch.cat([pmask, torch.zeros((n, max_new_tokens), dtype=torch.long, device=device)], dim=1)
-        positions = (pmask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1, cache_position=torch.arange(width, device=device))
-        return cache, mask, out.logits[:, -1, :], positions[:, -1]
+    def _prefill_continue(self, prompts: list[list[int]], rows: list[int], max_new_tokens: int,
+                          device: Any) -> tuple:
+        """Prefill that reuses the stored cache: matched rows keep their columns and add only their new tokens;
+        other prompts are prefilled whole in the same batch (their old columns are holes)."""
+        st = self._stored
+        assert st is not None
+        n = len(prompts)
+        suffixes = [p[len(st.seqs[r]):] if r >= 0 else p for p, r in zip(prompts, rows, strict=True)]
+        old = st.mask.shape[1]
+        ids, smask = _left_pad(suffixes, self.pad_id, device)
+        width = old + ids.shape[1]
+        cache = self._new_cache(width + max_new_tokens)
+        kvh, d = st.keys[0].shape[1], st.keys[0].shape[3]
+        cache.early_initialization(n, kvh, d, st.keys[0].dtype, device)
+        idx = torch.tensor([max(r, 0) for r in rows], dtype=torch.long, device=device)
+        has = torch.tensor([r >= 0 for r in rows], device=device)
+        for i, layer in enumerate(cache.layers):
+            layer.keys[:, :, :old] = st.keys[i].index_select(0, idx)
+            layer.values[:, :, :old] = st.values[i].index_select(0, idx)
+            layer.cumulative_length.fill_(old)
+            st.keys[i] = st.values[i] = None  # free as we go
+        mask = torch.zeros((n, width + max_new_tokens), dtype=torch.long, device=device)
+        mask[:, :old] = st.mask.index_select(0, idx) * has[:, None]
+        mask[:, old:width] = smask
+        start = torch.where(has, st.next_pos.index_select(0, idx), torch.zeros_like(idx))
+        positions = start[:, None] + (smask.cumsum(-1) - 1).clamp(min=0)
+        self._stored = None  # its memory is not needed any more
+        return cache, mask, self._forward(ids, mask, positions, cache, old), positions[:, -1]
+
+    def _store(self, prompts: list[list[int]], tokens: list[list[int]], cache: Any, rows: list[int],
+               parked: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor]],
+               mask: torch.Tensor, last: torch.Tensor, width: int, used: int) -> None:
+        """Keep every row's cache (live and set-aside rows) for the next call, each row's tokens packed to the
+        left so that the next call attends over as few columns as possible."""
+        n = len(prompts)
+        device = mask.device
+        full_mask = torch.zeros((n, used), dtype=mask.dtype, device=device)
+        live = torch.tensor(rows, dtype=torch.long, device=device)
+        full_mask[live] = mask[:, :used]
+        for idx, _, _, m in parked:
+            full_mask[torch.tensor(idx, device=device)] = m[:, :used]
+        fed = torch.tensor([max(len(t) - 1, 0) for t in tokens], device=device)
+        cols = torch.arange(used, device=device)[None, :]
+        valid = full_mask.bool() & ~((cols >= width) & (cols >= width + fed[:, None]))
+        counts = valid.sum(1)
+        packed_len = int(counts.max())
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :packed_len]
+        keys, values = [], []
+        for li, layer in enumerate(cache.layers):
+            for src, out in ((layer.keys, keys), (layer.values, values)):
+                h, d = src.shape[1], src.shape[3]
+                full = src.new_zeros((n, h, used, d))
+                full[live] = src[:, :, :used]
+                for idx, pk, pv, _ in parked:
+                    full[torch.tensor(idx, device=device)] = (pk if src is layer.keys else pv)[li][:, :, :used]
+                out.append(torch.gather(full, 2, order[:, None, :, None].expand(n, h, packed_len, d)))
+            layer.keys = layer.values = None  # free as we go
+        packed_mask = (torch.arange(packed_len, device=device)[None, :] < counts[:, None]).to(mask.dtype)
+        seqs = [list(p) + t[:-1] for p, t in zip(prompts, tokens, strict=True)]
+        index = {(len(sq), hash(tuple(sq))): i for i, sq in enumerate(seqs)}
+        self._stored = _Stored(keys, values, packed_mask, last + 1 + fed, seqs, index)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], config: SamplingConfig,
@@ -229,7 +329,13 @@ class KVCacheBackend:
         if not prompts:
             return []
         device = next(self.model.parameters()).device
-        cache, mask, logits, last = self._prefill(prompts, config.max_new_tokens, device)
+        rows_in_store = self._match(prompts) if self.reuse else [-1] * len(prompts)
+        if any(r >= 0 for r in rows_in_store):
+            cache, mask, logits, last = self._prefill_continue(prompts, rows_in_store, config.max_new_tokens, device)
+        else:
+            self._stored = None
+            cache, mask, logits, last = self._prefill(prompts, config.max_new_tokens, device)
+        prompt_last = last.clone()
         width = mask.shape[1] - config.max_new_tokens
         stop = torch.tensor(self.stop_ids, device=device)
         n = len(prompts)
@@ -237,7 +343,9 @@ class KVCacheBackend:
         logprobs: list[list[float]] = [[] for _ in range(n)]
         finished = [False] * n
         rows = list(range(n))  # batch row -> prompt index
+        parked: list = []
         next_pos = last + 1
+        used = width
         for step in range(config.max_new_tokens):
             tok, lp = sample_next(logits, config, generator)
             done_now = torch.isin(tok, stop)
@@ -252,17 +360,27 @@ class KVCacheBackend:
             if not alive or step + 1 == config.max_new_tokens:
                 break
             if len(alive) <= len(rows) * (1 - self.compact_every):
+                gone = [r for r in range(len(rows)) if r not in set(alive)]
+                if self.reuse:
+                    g = torch.tensor(gone, device=device)
+                    parked.append(([rows[r] for r in gone], [la.keys.index_select(0, g) for la in cache.layers],
+                                   [la.values.index_select(0, g) for la in cache.layers], mask[g].clone()))
                 keep = torch.tensor(alive, device=device)
                 if self._select_rows(cache, keep):
                     mask, tok, next_pos = mask[keep], tok[keep], next_pos[keep]
                     rows = [rows[r] for r in alive]
+                elif self.reuse:
+                    parked.pop()
             col = width + step
             mask[:, col] = 1
+            used = col + 1
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                              past_key_values=cache, use_cache=True,
                              cache_position=torch.tensor([col], device=device))
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
+        if self.reuse:
+            self._store(prompts, tokens, cache, rows, parked, mask, prompt_last, width, used)
         return [Generation(tokens[i], logprobs[i], finished[i]) for i in range(n)]
 
 
