@@ -61,6 +61,13 @@ def test_bad_flag_value_exits_2(capsys):
 
 
 def test_demo_runs(capsys):
-    assert main(["demo", "--puzzles", "5"]) == 0
+    assert main(["demo", "--puzzles", "5", "--model-puzzles", "0"]) == 0
     out = capsys.readouterr().out
     assert "solver" in out and "100.0%" in out and "sudoku" in out
+
+
+@pytest.mark.integration
+def test_demo_with_the_embedded_model(capsys):
+    assert main(["demo", "--puzzles", "2", "--model-puzzles", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m on sokoban" in out and "prediction_exact" in out

@@ -147,7 +147,8 @@ def cmd_env_play(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from spa_rl.demo import run_demo
 
-    return run_demo(_console(), puzzles=args.puzzles, seed=args.seed)
+    return run_demo(_console(), puzzles=args.puzzles, seed=args.seed, model_puzzles=args.model_puzzles,
+                    model=args.model)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -197,10 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spa-rl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="the main job for now: generate, render, solve and play the puzzles "
-                          "with the scripted policies, and report success rates and speed")
+    demo = sub.add_parser("demo", help="the main job for now: tour the puzzles with scripted policies, then "
+                          "evaluate the embedded model zero-shot on a few puzzles")
     demo.add_argument("--puzzles", type=int, default=200, help="puzzles per environment (default 200)")
     demo.add_argument("--seed", type=int, default=0, help="first puzzle seed (default 0)")
+    demo.add_argument("--model-puzzles", type=int, default=4,
+                      help="Sokoban validation puzzles for the zero-shot model evaluation (default 4; 0 skips)")
+    demo.add_argument("--model", help="model for that evaluation (default: the embedded smollm2-135m)")
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="evaluate a model (or a scripted policy) on validation puzzles: Pass@k, "

@@ -1,9 +1,10 @@
-"""`spa demo`: a tour of the environments that runs in seconds on any machine.
+"""`spa demo`: the README's main job until the training stages land (a minute or two on a laptop CPU).
 
-For each of the paper's three puzzles it shows one puzzle in both renders with its optimal solution, then
-plays many seeded puzzles with the scripted random and solver policies under the agent's episode limits
-(SPEC §3) and reports success rates and generation/step speed. It is the README's main job until the
-training stages land. It must never download anything or need a model.
+For each of the paper's three puzzles it shows one puzzle in both renders with its optimal solution, plays
+many seeded puzzles with the scripted random and solver policies under the agent's episode limits (SPEC §3)
+and reports success rates and speed; then it evaluates the embedded model zero-shot on a few Sokoban
+validation puzzles beside the same two policies (`--model-puzzles 0` skips it). It must never download
+anything.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from spa_rl.policies import random_action, solver_action
 DEMO_ENVS = ("sokoban", "frozenlake", "sudoku")
 
 
-def run_demo(console: Console, puzzles: int = 200, seed: int = 0) -> int:
+def run_demo(console: Console, puzzles: int = 200, seed: int = 0, model_puzzles: int = 4,
+             model: str | None = None) -> int:
     """Print the tour; return the exit code."""
     rows = []
     for name in DEMO_ENVS:
@@ -68,6 +70,18 @@ def run_demo(console: Console, puzzles: int = 200, seed: int = 0) -> int:
     for name, rnd, sol, gen, stp in rows:
         table.add_row(name, f"{rnd:.1%}", f"{sol:.1%}", f"{gen:,.0f}", f"{stp:,.0f}")
     console.print(table)
-    console.print("The solver is below 100% only where the dynamics are random (slippery FrozenLake). "
-                  "Next: `spa env play sokoban --seed 3` to play one yourself.")
+    console.print("The solver is below 100% only where the dynamics are random (slippery FrozenLake).")
+    if model_puzzles > 0:
+        from spa_rl.evaluation import evaluate, metrics_table
+
+        console.rule("[bold]the embedded model, zero-shot[/bold]")
+        name = model or "smollm2-135m"
+        for policy in ("model", "random", "solver"):
+            m = evaluate("sokoban", model=name if policy == "model" else None, policy=policy,
+                         puzzles=model_puzzles, samples=2, max_new_tokens=128)
+            console.print(metrics_table(m, title=f"{name if policy == 'model' else policy} on sokoban, "
+                                                 f"{model_puzzles} validation puzzles x 2 samples"))
+        console.print("A small model does not follow the SPA format zero-shot: self-play fine-tuning (next "
+                      "stage) is what teaches it. Full evaluation: `spa eval --env sokoban --out runs/eval`.")
+    console.print("Play a puzzle yourself: `spa env play sokoban --seed 3`.")
     return 0
