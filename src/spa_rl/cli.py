@@ -170,6 +170,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from spa_rl.selfplay import collect
+
+    if args.policy != "model" and args.model:
+        raise SpaError("--model is for --policy model; scripted policies need no model")
+    stats = collect(args.env, args.out, policy=args.policy, model=args.model, puzzles=args.puzzles,
+                    samples=args.samples, render=args.render, fmt=args.format, first_seed=args.first_seed,
+                    temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                    filter_malformed=not args.no_filter, val_fraction=args.val_fraction, seed=args.seed,
+                    backend=args.backend, device=args.device, dtype=args.dtype)
+    table = Table(title=f"self-play data: {args.env}, behaviour policy {args.policy} -> {args.out}")
+    table.add_column("")
+    table.add_column("count", justify="right")
+    success = stats.successes / stats.trajectories if stats.trajectories else 0.0
+    for label, value in (("trajectories", stats.trajectories),
+                         ("behaviour policy success", f"{success:.1%}"),
+                         ("assistant turns played", stats.turns), ("turns kept", stats.kept),
+                         ("dropped: malformed (and the rest of their trajectory)", stats.dropped_malformed),
+                         ("dropped: duplicate", stats.dropped_duplicate),
+                         ("train rows", stats.train), ("validation rows", stats.val)):
+        table.add_row(label, str(value))
+    _console().print(table)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -228,6 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--concurrent", type=_positive_int, default=32, help="episodes per batch (default 32)")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     ev.set_defaults(func=cmd_eval)
+
+    co = sub.add_parser("collect", help="self-play: play training puzzles, rewrite every turn with the true "
+                        "states, write an SFT dataset (resumable)")
+    co.add_argument("--env", required=True, help="environment name (see `spa env list`)")
+    co.add_argument("--out", required=True, help="dataset directory (train.jsonl, val.jsonl, manifest.json)")
+    co.add_argument("--policy", choices=("model", "random", "solver"), default="model",
+                    help="behaviour policy: the model itself (default, the paper's), random or solver")
+    co.add_argument("--model", help="model for --policy model (default: the embedded smollm2-135m)")
+    co.add_argument("--puzzles", type=_positive_int, default=160, help="training puzzles (default 160)")
+    co.add_argument("--samples", type=_positive_int, default=8, help="episodes per puzzle (default 8)")
+    co.add_argument("--first-seed", type=int, default=0, help="first training puzzle seed (default 0)")
+    co.add_argument("--render", choices=RENDERS, default="grid+coords", help="state text (default grid+coords)")
+    co.add_argument("--format", choices=("world-model", "plain"), default="world-model", help="default world-model")
+    co.add_argument("--temperature", type=_temperature, default=1.0, help="sampling temperature (default 1.0)")
+    co.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens per response (default 256)")
+    co.add_argument("--no-filter", action="store_true", help="keep turns whose response broke the format")
+    co.add_argument("--val-fraction", type=float, default=0.1, help="share of trajectories held out (default 0.1)")
+    co.add_argument("--backend", choices=("kv", "hf"), default="kv", help="generation backend (default kv)")
+    co.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    co.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="default auto")
+    co.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    co.set_defaults(func=cmd_collect)
 
     env = sub.add_parser("env", help="list, show, play and solve the environments")
     env_sub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
