@@ -197,6 +197,49 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_novelty(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from spa_rl import envs
+    from spa_rl.io import atomic_write_json
+    from spa_rl.novelty import novelty_report
+
+    names = args.env or ["sokoban", "frozenlake", "sudoku"]
+    for name in names:
+        envs.get_variant(name)
+    table = Table(title=f"state perplexity under {args.model or 'smollm2-135m'} ({args.puzzles} validation puzzles)")
+    for col in ("env", "states", "grid", "grid+coords"):
+        table.add_column(col, justify="right" if col != "env" else "left")
+    reports = []
+    for name in names:
+        r = novelty_report(args.model, name, puzzles=args.puzzles, device=args.device, dtype=args.dtype)
+        reports.append(r)
+        table.add_row(name, str(r["grid"]["states"]), f"{r['grid']['perplexity']:.1f}",
+                      f"{r['grid+coords']['perplexity']:.1f}")
+    _console().print(table)
+    _console().print("perplexity = exp(mean over states of N(s)), N(s) the mean token NLL of the state text "
+                     "given the conversation before it")
+    if args.out:
+        atomic_write_json(args.out, reports)
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from spa_rl.sft import SFTConfig, train_sft
+
+    config = SFTConfig(data=args.data, out=args.out, model=args.model, loss=args.loss, epochs=args.epochs,
+                       lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                       max_length=args.max_length, lora=args.lora, lora_r=args.lora_r, dtype=args.dtype,
+                       device=args.device, seed=args.seed, env=args.env, save_every=args.save_every,
+                       tensorboard=not args.no_tensorboard, wandb_project=args.wandb)
+    result = train_sft(config)
+    val = "n/a" if result["val_loss"] is None else f"{result['val_loss']:.4f}"
+    _console().print(f"trained {result['steps']} steps ({result['train_samples']} samples, {config.loss} loss); "
+                     f"validation loss {val}\nmodel: {args.out}/model   "
+                     f"(evaluate: spa eval --model {args.out}/model --env ...)")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -277,6 +320,38 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="default auto")
     co.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     co.set_defaults(func=cmd_collect)
+
+    nv = sub.add_parser("novelty", help="mean state perplexity N(s) under a model, grid vs grid+coords render "
+                        "(the paper's Table 1)")
+    nv.add_argument("--model", help="model (default: the embedded smollm2-135m)")
+    nv.add_argument("--env", action="append", help="environment (repeatable; default: the three paper envs)")
+    nv.add_argument("--puzzles", type=_positive_int, default=32, help="validation puzzles (default 32)")
+    nv.add_argument("--out", help="also write the report as JSON to this file")
+    nv.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    nv.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="default auto")
+    nv.set_defaults(func=cmd_novelty)
+
+    sf = sub.add_parser("sft", help="world-model SFT on a self-play dataset (resumes after an interruption)")
+    sf.add_argument("--data", required=True, help="dataset directory from `spa collect`")
+    sf.add_argument("--out", required=True, help="output directory (model/, checkpoint/, metrics.jsonl)")
+    sf.add_argument("--model", default="smollm2-135m", help="model to fine-tune (default smollm2-135m)")
+    sf.add_argument("--loss", choices=("full", "masked"), default="full",
+                    help="full: SPA (default); masked: observation/prediction contents get no loss (ablation)")
+    sf.add_argument("--epochs", type=_positive_int, default=5, help="default 5 (the paper's)")
+    sf.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    sf.add_argument("--batch-size", type=_positive_int, default=16, help="global batch (default 16)")
+    sf.add_argument("--micro-batch-size", type=_positive_int, default=4, help="per pass (default 4)")
+    sf.add_argument("--max-length", type=_positive_int, default=2048, help="longer samples are dropped (2048)")
+    sf.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
+    sf.add_argument("--lora-r", type=_positive_int, default=16, help="LoRA rank (default 16)")
+    sf.add_argument("--env", help="refuse a dataset collected on another env")
+    sf.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="default auto (bf16 autocast)")
+    sf.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    sf.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    sf.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (default: epochs)")
+    sf.add_argument("--no-tensorboard", action="store_true", help="JSONL metrics only")
+    sf.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases")
+    sf.set_defaults(func=cmd_sft)
 
     env = sub.add_parser("env", help="list, show, play and solve the environments")
     env_sub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")

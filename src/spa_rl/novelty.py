@@ -1,0 +1,125 @@
+"""Novelty as the model's own surprise (SPEC §8): N(s) = −(1/L) Σ log p(x_i | x_<i) over the L tokens of a
+state's text, conditioned on the context the agent sees before it.
+
+The context of a state is the conversation up to `State:\\n` of the turn that shows it; the state's tokens are
+found by character offsets in the tokenisation of the whole text, so they are the tokens the model really
+reads. Scoring is batched (left-padded, one forward pass per batch). No library scores spans of chat
+conversations this way, so it is here. This module must never change the model's weights or mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from spa_rl.errors import SpaError
+
+
+@dataclass(frozen=True)
+class StateText:
+    """A state's text and the conversation text the agent reads right before it."""
+
+    context: str
+    state: str
+
+
+def state_contexts(env: Any, state: str, render: str, fmt: str, tokenizer: Any, max_actions_per_turn: int,
+                   actions_left: int, max_new_tokens: int = 256) -> StateText:
+    """The turn-1 conversation that shows `state`, split at the state (chat template applied)."""
+    from spa_rl.prompts import first_messages
+
+    marker = "\ue000state\ue001"
+    messages = first_messages(env, marker, render, fmt, max_actions_per_turn, actions_left, max_new_tokens)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    before, _, _ = text.partition(marker)
+    return StateText(before, state)
+
+
+@torch.inference_mode()
+def score_states(model: Any, tokenizer: Any, items: Sequence[StateText], batch_size: int = 16) -> list[float]:
+    """N(s) in nats per token for each item (mean negative log-likelihood of the state's tokens)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise SpaError("novelty scoring needs a fast tokenizer (character offsets)")
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        encoded, spans = [], []
+        for it in chunk:
+            text = it.context + it.state
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            lo, hi = len(it.context), len(text)
+            idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a >= lo and b <= hi and b > a]
+            if not idx or idx[0] == 0:
+                raise SpaError("a state has no tokens of its own after its context")
+            encoded.append(enc["input_ids"])
+            spans.append(idx)
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, e in enumerate(encoded):
+            ids[r, width - len(e):] = torch.tensor(e)
+            mask[r, width - len(e):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for r, (e, idx) in enumerate(zip(encoded, spans, strict=True)):
+            offset = width - len(e)
+            pos = torch.tensor([offset + i for i in idx], device=logp.device)
+            targets = ids[r, pos.cpu()].to(logp.device)
+            nll = -logp[r, pos - 1, targets]
+            scores.append(float(nll.mean()))
+    return scores
+
+
+def perplexity_summary(scores: Sequence[float]) -> dict:
+    """Mean N(s), its exponent (the perplexity of the average state token), and the mean per-state perplexity."""
+    arr = np.asarray(scores, dtype=float)
+    return {"states": len(arr), "mean_nll": float(arr.mean()), "perplexity": float(math.exp(arr.mean())),
+            "mean_state_perplexity": float(np.exp(arr).mean())}
+
+
+def sample_states(env_name: str, render: str, puzzles: int, steps: int = 3, seed: int = 0) -> list[str]:
+    """Validation-puzzle states: each puzzle's start and the states after up to `steps` random actions."""
+    from spa_rl import envs
+    from spa_rl.evaluation import validation_seeds
+    from spa_rl.policies import random_action
+
+    rng = np.random.default_rng(seed)
+    env = envs.make(env_name, render=render).unwrapped
+    out = []
+    for s in validation_seeds(puzzles):
+        obs, _ = env.reset(seed=s)
+        out.append(obs)
+        for _ in range(steps):
+            obs, _, terminated, _, info = env.step(random_action(env, rng))
+            if info["action_is_effective"]:
+                out.append(obs)
+            if terminated:
+                break
+    return out
+
+
+def novelty_report(model_name: str | None, env_name: str, puzzles: int = 32, steps: int = 3, device: str = "auto",
+                   dtype: str = "auto", fmt: str = "world-model") -> dict:
+    """Mean state perplexity of validation states under the model, for both renders (the paper's Table 1)."""
+    from spa_rl import envs
+    from spa_rl.envs import RENDERS
+    from spa_rl.models import DEFAULT_MODEL, load_model
+
+    variant = envs.get_variant(env_name)
+    lm = load_model(model_name or DEFAULT_MODEL, device=device, dtype=dtype)
+    report: dict = {"model": lm.name, "env": env_name, "puzzles": puzzles}
+    for render in RENDERS:
+        env = envs.make(env_name, render=render).unwrapped
+        items = [state_contexts(env, obs, render, fmt, lm.tokenizer, variant.max_actions_per_turn,
+                                variant.max_actions_per_episode) for obs in sample_states(env_name, render, puzzles,
+                                                                                          steps)]
+        report[render] = perplexity_summary(score_states(lm.model, lm.tokenizer, items))
+    return report

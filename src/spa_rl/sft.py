@@ -1,0 +1,373 @@
+"""World-model SFT (SPEC §5): fine-tune on self-play turns, with the loss on the assistant's turn only.
+
+Loss variants: `full` (paper Eq. 1–2: every token of the assistant turn, the true `<observation>` and
+`<prediction>` included, up to and including its end-of-turn token; system, user and history tokens never)
+and `masked` (the ablation: the contents of `<observation>` and `<prediction>` get no loss, their tags do).
+Loss tokens are found by character offsets in the tokenisation of the whole chat-templated conversation, so
+masks are exact for any chat template.
+
+Why our own loop and not TRL's `SFTTrainer`: TRL expresses "completion only" and "assistant only" losses,
+but not a mask that excludes spans *inside* the completion (the masked ablation), and resuming it mid-epoch
+from our atomic checkpoints would need as much code as this loop. The loop is short: AdamW, cosine schedule
+with warm-up, gradient accumulation to a global batch, bf16 autocast where supported, full fine-tune or LoRA
+(peft), validation loss every epoch, metrics to JSONL/TensorBoard, and checkpoints written atomically that a
+rerun resumes from. It must never train on a token outside the assistant turn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spa_rl.errors import SpaError
+from spa_rl.selfplay import read_jsonl
+
+LOSSES = ("full", "masked")
+_HIDDEN = re.compile(r"<(observation|prediction)>(.*?)</\1>", re.DOTALL)
+
+
+@dataclass
+class SFTConfig:
+    """World-model SFT settings (defaults: the paper's, SPEC §5)."""
+
+    data: str
+    """Dataset directory written by `spa collect` (train.jsonl, val.jsonl, manifest.json)."""
+    out: str
+    """Output directory: the fine-tuned model (HF format, or a LoRA adapter), checkpoints, metrics."""
+    model: str = "smollm2-135m"
+    """Model to fine-tune: embedded name, local directory or HF id in the local cache."""
+    loss: str = "full"
+    """`full` (the paper's SPA) or `masked` (observation/prediction contents get no loss)."""
+    epochs: int = 5
+    """Passes over the training set (the paper: 5; 1 epoch is much worse)."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    """Share of optimizer steps spent warming the learning rate up, then cosine decay to 0."""
+    batch_size: int = 16
+    """Global batch (samples per optimizer step)."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward pass (gradient accumulation makes up the global batch)."""
+    max_length: int = 2048
+    """Samples longer than this (in tokens) are dropped and counted."""
+    lora: bool = False
+    """Train a LoRA adapter instead of all weights."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    dtype: str = "auto"
+    """`auto` (bf16 autocast where supported), `bf16` or `fp32`. Master weights stay fp32."""
+    device: str = "auto"
+    seed: int = 0
+    env: str | None = None
+    """If set, the dataset must have been collected on this env."""
+    save_every: int = 0
+    """Also checkpoint every N optimizer steps (0: at epoch ends only)."""
+    save_epochs: bool = True
+    """Checkpoint at the end of every epoch (resumable); False saves only the final model."""
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_dataset(data_dir: str, expected_env: str | None = None) -> tuple[list[dict], list[dict], dict]:
+    """(train rows, validation rows, manifest) of a self-play dataset, checked."""
+    root = Path(data_dir)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise SpaError(f"{root} is not a dataset (no manifest.json): create one with `spa collect --out {root}`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpaError(f"{manifest_path} is corrupt ({e.msg}): collect the data again") from None
+    if expected_env is not None and manifest.get("env") != expected_env:
+        raise SpaError(f"{root} was collected on {manifest.get('env')!r}, not {expected_env!r}: use a dataset of "
+                       f"{expected_env} or drop --env")
+    train = read_jsonl(root / "train.jsonl")
+    val = read_jsonl(root / "val.jsonl") if (root / "val.jsonl").is_file() else []
+    if not train:
+        raise SpaError(f"{root / 'train.jsonl'} has no rows: collect more data")
+    for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
+        for n, row in enumerate(rows, 1):
+            if not isinstance(row.get("prompt"), list) or not isinstance(row.get("completion"), list) \
+                    or not row["completion"] or row["completion"][-1].get("role") != "assistant":
+                raise SpaError(f"{root / name} row {n} is not a prompt/completion chat sample")
+            env = row.get("meta", {}).get("env")
+            if env is not None and env != manifest.get("env"):
+                raise SpaError(f"{root / name} row {n} is from env {env!r} but the dataset is "
+                               f"{manifest.get('env')!r}: datasets must not mix envs")
+    return train, val, manifest
+
+
+def encode_sample(tokenizer: Any, row: dict, loss: str) -> tuple[list[int], list[int]]:
+    """(input ids, loss mask) of one sample: the mask is 1 on the assistant turn's tokens (see module doc)."""
+    if loss not in LOSSES:
+        raise SpaError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
+    prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False,
+                                              add_generation_prompt=False)
+    content = row["completion"][-1]["content"]
+    if not full_text.startswith(prompt_text):
+        raise SpaError("this chat template does not render a conversation as prompt + reply; SFT needs it to")
+    start = len(prompt_text)
+    at = full_text.find(content, start)
+    if at < 0:
+        raise SpaError("the chat template changed the assistant text; SFT needs it verbatim")
+    end = at + len(content)
+    enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    stop_ids = {tokenizer.eos_token_id}
+    hidden = [(m.start(2) + at, m.end(2) + at) for m in _HIDDEN.finditer(content)] if loss == "masked" else []
+    mask = [0] * len(ids)
+    stopped = False
+    for i, (a, b) in enumerate(offsets):
+        if a < start or stopped:
+            continue
+        if a >= end:  # after the content: the end-of-turn token(s) up to and including the stop token
+            mask[i] = 1
+            stopped = ids[i] in stop_ids
+            continue
+        if any(a < h_end and b > h_start for h_start, h_end in hidden):
+            continue
+        mask[i] = 1
+    return ids, mask
+
+
+def _batches(samples: list[tuple[list[int], list[int]]], order: list[int], size: int) -> list[list[int]]:
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def _collate(samples: list[tuple[list[int], list[int]]], idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(samples[i][0]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(idx), width), dtype=torch.long)
+    labels = torch.full((len(idx), width), -100, dtype=torch.long)
+    for r, i in enumerate(idx):
+        x, m = samples[i]
+        ids[r, :len(x)] = torch.tensor(x)
+        attn[r, :len(x)] = 1
+        labels[r, :len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), -100)
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
+def token_nll_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over the batch's loss tokens, and their count.
+
+    The output projection is applied to the loss positions only (a vocabulary of 49k makes full logits the
+    largest tensor of a step); models without a separable decoder and head fall back to full logits.
+    """
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    count = int(keep.sum())
+    parts = _decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), count
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"), count
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _save_dir_atomically(target: Path, write) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}-old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_model(model: Any, tokenizer: Any, path: Path, meta: dict) -> None:
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config:  # name the base as the user did (e.g. "smollm2-135m"), so the adapter loads anywhere
+        for cfg in peft_config.values():
+            cfg.base_model_name_or_path = meta.get("base_model", cfg.base_model_name_or_path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "spa_training.json").write_text(json.dumps(meta, indent=2))
+
+
+# ------------------------------------------------------------------------------------------ training
+def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
+    """Run (or resume) world-model SFT; return the final metrics."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from spa_rl.io import atomic_write_json, writable_dir
+    from spa_rl.models import cpu_supports_bf16, load_model
+    from spa_rl.progress import progress_bar
+    from spa_rl.runlog import RunLogger
+
+    if config.loss not in LOSSES:
+        raise SpaError(f"unknown loss {config.loss!r}: use one of {', '.join(LOSSES)}")
+    if config.batch_size % config.micro_batch_size:
+        raise SpaError("batch_size must be a multiple of micro_batch_size")
+    train_rows, val_rows, manifest = load_dataset(config.data, config.env)
+    out = writable_dir(config.out)
+    ckpt = out / "checkpoint"
+    state_file = ckpt / "trainer_state.pt"
+    resume = state_file.is_file()
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps global state; each run chooses its own precision
+    mixed = config.dtype == "bf16" or (config.dtype == "auto" and (torch.cuda.is_available() or cpu_supports_bf16()))
+    accelerator = Accelerator(mixed_precision="bf16" if mixed else "no",
+                              cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
+    source = str(ckpt) if resume else config.model
+    lm = load_model(source, device=str(accelerator.device), dtype="fp32", merge_adapter=False)
+    model, tokenizer = lm.model, lm.tokenizer
+    model.config.use_cache = False
+    if hasattr(model, "set_attn_implementation") and getattr(model.config, "_attn_implementation", "") == "spa_decode":
+        model.set_attn_implementation("sdpa")
+    if config.lora and not hasattr(model, "peft_config"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                 lora_dropout=config.lora_dropout, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    elif resume and hasattr(model, "peft_config"):
+        for name, p in model.named_parameters():
+            p.requires_grad = "lora_" in name
+    model.train()
+
+    def encode(rows: list[dict]) -> tuple[list[tuple[list[int], list[int]]], int]:
+        kept, dropped = [], 0
+        for row in rows:
+            ids, mask = encode_sample(tokenizer, row, config.loss)
+            if len(ids) > config.max_length or not any(mask):
+                dropped += 1
+                continue
+            kept.append((ids, mask))
+        return kept, dropped
+
+    train, dropped_train = encode(train_rows)
+    val, dropped_val = encode(val_rows)
+    if not train:
+        raise SpaError(f"every training sample is longer than max_length={config.max_length}: raise it")
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = 0
+    if resume:
+        state = torch.load(state_file, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    logger = RunLogger(out, tensorboard=config.tensorboard, wandb_project=config.wandb_project,
+                       config=asdict(config))
+    meta = {"stage": "world-model-sft", "config": asdict(config), "dataset": manifest,
+            "base_model": config.model}
+    pad_id = tokenizer.pad_token_id
+
+    def evaluate_val() -> float | None:
+        if not val:
+            return None
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for idx in _batches(val, list(range(len(val))), config.micro_batch_size):
+                batch = {k: v.to(accelerator.device) for k, v in _collate(val, idx, pad_id).items()}
+                with accelerator.autocast():
+                    nll, n = token_nll_sum(model, batch)
+                total += float(nll)
+                count += n
+        model.train()
+        return total / max(count, 1)
+
+    def checkpoint() -> None:
+        unwrapped = accelerator.unwrap_model(model)
+
+        def write(tmp: Path) -> None:
+            _save_model(unwrapped, tokenizer, tmp, meta)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                        "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()},
+                       tmp / "trainer_state.pt")
+        _save_dir_atomically(ckpt, write)
+
+    logger.log(step, {"data/train_samples": len(train), "data/val_samples": len(val),
+                      "data/dropped_too_long": dropped_train + dropped_val})
+    history = []
+    with progress_bar(transient=quiet) as bar:
+        task = bar.add_task(f"SFT ({config.loss})", total=total_steps, completed=step, unit="steps")
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            order = list(range(len(train)))
+            np.random.default_rng(config.seed + epoch).shuffle(order)
+            groups = _batches(train, order, config.batch_size)
+            for idx in groups[in_epoch:]:
+                micro = _batches(train, idx, config.micro_batch_size)
+                n_tokens = sum(sum(train[i][1][1:]) for i in idx)
+                total_nll = 0.0
+                for m in micro:
+                    batch = {k: v.to(accelerator.device) for k, v in _collate(train, m, pad_id).items()}
+                    with accelerator.autocast():
+                        nll, _ = token_nll_sum(model, batch)
+                    accelerator.backward(nll / max(n_tokens, 1))
+                    total_nll += nll.item()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                logger.log(step, {"loss/train": total_nll / max(n_tokens, 1), "train/grad_norm": grad_norm,
+                                  "train/lr": scheduler.get_last_lr()[0], "train/tokens": n_tokens,
+                                  "train/epoch": step / steps_per_epoch})
+                bar.advance(task)
+                if config.save_every and step % config.save_every == 0:
+                    checkpoint()
+            val_loss = evaluate_val()
+            row = {"epoch": epoch + 1, "loss/val": val_loss}
+            history.append(row)
+            logger.log(step, {k: v for k, v in row.items() if v is not None})
+            if config.save_epochs:
+                checkpoint()
+    unwrapped = accelerator.unwrap_model(model)
+    final = {"steps": step, "epochs": config.epochs, "train_samples": len(train), "val_samples": len(val),
+             "dropped_too_long": dropped_train + dropped_val, "val_loss": evaluate_val(), "loss": config.loss,
+             "lora": config.lora}
+    meta["result"] = final
+    _save_dir_atomically(out / "model", lambda tmp: _save_model(unwrapped, tokenizer, tmp, meta))
+    atomic_write_json(out / "result.json", final)
+    logger.close()
+    return final

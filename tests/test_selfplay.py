@@ -1,0 +1,120 @@
+"""Self-play data: the true-state rewrite, the structure filter, the split by trajectory, resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_rollout import ScriptedBackend
+
+from spa_rl.cli import main
+from spa_rl.errors import SpaError
+from spa_rl.prompts import parse_response
+from spa_rl.rollout import RolloutConfig, RolloutEngine
+from spa_rl.selfplay import CollectConfig, DatasetWriter, collect, read_jsonl
+
+GOOD_BUT_WRONG = ("<think> <observation> I am somewhere </observation> let us go <prediction> ###\n#P# "
+                  "</prediction> </think> <answer> Down || Left </answer>")
+MALFORMED = "Down Left please, I think the box is near"
+
+
+class TurnBackend(ScriptedBackend):
+    """Answers turn k with texts[k - 1] (the turn number read from the prompt)."""
+
+    def generate(self, prompts, config, generator=None):
+        out = []
+        for p in prompts:
+            turn = self.tokenizer.decode(p).count("Turn ")
+            self.texts_now = [self.texts[min(turn, len(self.texts)) - 1]]
+            out.extend(ScriptedBackend(self.tokenizer, self.texts_now).generate([p], config))
+        return out
+
+
+def _episodes(tokenizer, texts, seeds=(0, 1, 2)):
+    engine = RolloutEngine(RolloutConfig(env="sokoban", max_turns=3), TurnBackend(tokenizer, texts), tokenizer)
+    return engine.run(list(seeds), group_size=2)
+
+
+@pytest.mark.parametrize("filter_malformed", [False, True])
+def test_rewrite_puts_exactly_the_true_states_in_both_tags(tokenizer, tmp_path, filter_malformed):
+    episodes = _episodes(tokenizer, [GOOD_BUT_WRONG, MALFORMED, GOOD_BUT_WRONG])
+    writer = DatasetWriter(CollectConfig(str(tmp_path), 0.5, filter_malformed), {"t": 1})
+    stats = writer.add("u", episodes, "world-model", "grid+coords", {})
+    writer.finalize()
+    rows = read_jsonl(tmp_path / "train.jsonl") + read_jsonl(tmp_path / "val.jsonl")
+    assert len(rows) == stats.kept > 0
+    for row in rows:
+        p = parse_response(row["completion"][0]["content"])
+        assert p.observation == row["meta"]["state_before"] and p.prediction == row["meta"]["state_after"]
+        # earlier assistant turns in the prompt are rewritten too
+        for m in row["prompt"]:
+            if m["role"] == "assistant":
+                assert "I am somewhere" not in m["content"]
+    turns = {r["meta"]["turn"] for r in rows}
+    if filter_malformed:  # turn 2 is malformed: it and everything after it are dropped
+        assert turns == {1} and stats.dropped_malformed == 2 * len(episodes)
+    else:
+        assert turns == {1, 2, 3}
+        malformed_rows = [r for r in rows if r["meta"]["turn"] == 2]
+        assert all(r["meta"]["state_before"] == r["meta"]["state_after"] for r in malformed_rows)
+
+
+def test_split_never_shares_a_trajectory(tmp_path):
+    stats = collect("sokoban", str(tmp_path), policy="random", puzzles=40, samples=4, val_fraction=0.25, quiet=True)
+    train = read_jsonl(tmp_path / "train.jsonl")
+    val = read_jsonl(tmp_path / "val.jsonl")
+    t_ids = {r["meta"]["trajectory"] for r in train}
+    v_ids = {r["meta"]["trajectory"] for r in val}
+    assert t_ids and v_ids and not (t_ids & v_ids)
+    assert 0.1 < len(v_ids) / (len(t_ids) + len(v_ids)) < 0.4
+    assert stats.train == len(train) and stats.val == len(val)
+    keys = [json.dumps([r["prompt"], r["completion"]]) for r in train + val]
+    assert len(keys) == len(set(keys)), "no duplicate samples"
+
+
+def test_interrupted_collection_resumes_without_duplicates(tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    collect("frozenlake-det", str(full), policy="random", puzzles=12, samples=2, quiet=True)
+    want = read_jsonl(full / "train.jsonl") + read_jsonl(full / "val.jsonl")
+
+    part = tmp_path / "part"
+    calls = {"n": 0}
+    original = RolloutEngine.run
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(RolloutEngine, "run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        collect("frozenlake-det", str(part), policy="random", puzzles=12, samples=2, quiet=True)
+    assert len(list((part / "shards").glob("*.jsonl"))) == 2  # what was written is complete and valid
+    for shard in (part / "shards").glob("*.jsonl"):
+        read_jsonl(shard)
+    monkeypatch.setattr(RolloutEngine, "run", original)
+    collect("frozenlake-det", str(part), policy="random", puzzles=12, samples=2, quiet=True)
+    got = read_jsonl(part / "train.jsonl") + read_jsonl(part / "val.jsonl")
+    assert [json.dumps(r) for r in got] == [json.dumps(r) for r in want]
+
+
+def test_collection_with_other_settings_is_refused(tmp_path):
+    collect("sokoban", str(tmp_path), policy="solver", puzzles=2, samples=1, quiet=True)
+    with pytest.raises(SpaError, match="other settings"):
+        collect("frozenlake-det", str(tmp_path), policy="solver", puzzles=2, samples=1, quiet=True)
+
+
+def test_malformed_dataset_line_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": []}\n{not json\n')
+    with pytest.raises(SpaError, match="line 2 is not valid JSON"):
+        read_jsonl(bad)
+
+
+def test_collect_cli_summary(tmp_path, capsys):
+    assert main(["collect", "--env", "sudoku", "--policy", "solver", "--puzzles", "3", "--samples", "1",
+                 "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "behaviour policy success" in out and "100.0%" in out
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["env"] == "sudoku"

@@ -1,0 +1,159 @@
+"""World-model SFT: loss masks token by token, memorising transitions, resuming, refusing bad data."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from spa_rl.cli import main
+from spa_rl.errors import SpaError
+from spa_rl.selfplay import collect
+from spa_rl.sft import SFTConfig, encode_sample, load_dataset, train_sft
+
+CONTENT = ("<think> <observation>\n_P\nG_\n</observation> go down-left <prediction>\n__\n√_\n</prediction> "
+           "</think> <answer> Left || Down </answer>")
+ROW = {"prompt": [{"role": "system", "content": "You're a helpful assistant."},
+                  {"role": "user", "content": "Turn 1:\nState:\n_P\nG_"}],
+       "completion": [{"role": "assistant", "content": CONTENT}]}
+
+
+def test_full_loss_covers_exactly_the_assistant_turn(tokenizer):
+    ids, mask = encode_sample(tokenizer, ROW, "full")
+    first = mask.index(1)
+    assert all(mask[first:first + sum(mask)])  # one contiguous span
+    assert tokenizer.decode(ids[first:first + sum(mask)]) == CONTENT + tokenizer.eos_token
+    prompt_len = len(tokenizer.apply_chat_template(ROW["prompt"], tokenize=True, add_generation_prompt=True,
+                                                   return_dict=False))
+    assert first == prompt_len, "no system, user or template token is trained on"
+
+
+def test_masked_loss_drops_exactly_the_state_contents(tokenizer):
+    ids, full = encode_sample(tokenizer, ROW, "full")
+    _, masked = encode_sample(tokenizer, ROW, "masked")
+    kept = tokenizer.decode([i for i, m in zip(ids, masked, strict=True) if m])
+    assert kept == re.sub(r"<(observation|prediction)>.*?</\1>", r"<\1></\1>", CONTENT, flags=re.S) + \
+        tokenizer.eos_token
+    dropped = tokenizer.decode([i for i, f, m in zip(ids, full, masked, strict=True) if f and not m])
+    assert dropped == "\n_P\nG_\n\n__\n√_\n"
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ds")
+    collect("frozenlake-det", str(path), policy="solver", puzzles=2, samples=1, val_fraction=0.0, quiet=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny64(tokenizer, tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    path = tmp_path_factory.mktemp("tiny64")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_tiny_model_fine_tuned_on_transitions_reproduces_them(tokenizer, tmp_path):
+    """Three solver transitions on 3x3 lakes; after SFT, greedy decoding writes each completion exactly
+    (the true observation, the transition in <prediction>, the answer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spa_rl.models import load_model
+    from spa_rl.rollout import RolloutConfig, RolloutEngine
+    from spa_rl.selfplay import CollectConfig, DatasetWriter
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    engine = RolloutEngine(RolloutConfig(env="frozenlake-det", render="grid", env_overrides={"size": 3}),
+                           policy="solver")
+    writer = DatasetWriter(CollectConfig(str(tmp_path / "data"), 0.0), {"env": "frozenlake-det"})
+    writer.add("u", engine.run([0, 1, 2]), "world-model", "grid", {})
+    writer.finalize()
+    rows, _, _ = load_dataset(str(tmp_path / "data"))
+    assert len(rows) == 3
+    train_sft(SFTConfig(data=str(tmp_path / "data"), out=str(tmp_path / "sft"), model=str(tmp_path / "base"),
+                        epochs=200, lr=6e-3, warmup_ratio=0.05, batch_size=3, micro_batch_size=3,
+                        save_epochs=False, tensorboard=False, dtype="fp32"), quiet=True)
+    lm = load_model(str(tmp_path / "sft" / "model"), dtype="fp32")
+    for row in rows:
+        prompt = lm.tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True,
+                                                  return_dict=False)
+        out = lm.model.generate(torch.tensor([prompt]), max_new_tokens=100, do_sample=False)
+        assert lm.tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True) == row["completion"][0]["content"]
+
+
+def test_interrupted_sft_resumes_to_the_same_model(small_dataset, tiny64, tmp_path, monkeypatch):
+    def config(out):
+        return SFTConfig(data=str(small_dataset), out=str(out), model=str(tiny64), epochs=4, batch_size=1,
+                         micro_batch_size=1, tensorboard=False, dtype="fp32", lr=1e-3)
+
+    straight = train_sft(config(tmp_path / "a"), quiet=True)
+    original = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # in the second epoch, after the first epoch checkpoint
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(config(tmp_path / "b"), quiet=True)
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    assert (tmp_path / "b" / "checkpoint" / "trainer_state.pt").is_file()
+    resumed = train_sft(config(tmp_path / "b"), quiet=True)
+    assert resumed["steps"] == straight["steps"] == 12
+    assert resumed["val_loss"] == straight["val_loss"]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_lora_sft_gives_an_adapter_that_eval_loads(small_dataset, tiny64, tmp_path):
+    from spa_rl.models import load_model
+
+    train_sft(SFTConfig(data=str(small_dataset), out=str(tmp_path), model=str(tiny64), epochs=1, lora=True,
+                        batch_size=2, micro_batch_size=1, tensorboard=False, dtype="fp32"), quiet=True)
+    assert (tmp_path / "model" / "adapter_config.json").is_file()
+    assert load_model(str(tmp_path / "model"), dtype="fp32").model is not None
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/train" in m for m in metrics)
+
+
+def test_dataset_of_another_env_is_refused(small_dataset, tmp_path, capsys):
+    with pytest.raises(SpaError, match="collected on 'frozenlake-det', not 'sokoban'"):
+        load_dataset(str(small_dataset), expected_env="sokoban")
+    assert main(["sft", "--data", str(small_dataset), "--out", str(tmp_path / "o"), "--env", "sokoban"]) == 2
+    assert "not 'sokoban'" in capsys.readouterr().err
+
+
+def test_empty_or_malformed_dataset(small_dataset, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(small_dataset, bad)
+    (bad / "train.jsonl").write_text((bad / "train.jsonl").read_text() + "{oops\n")
+    assert main(["sft", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "train.jsonl line" in capsys.readouterr().err
+    (bad / "train.jsonl").write_text("")
+    assert main(["sft", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "has no rows" in capsys.readouterr().err
+    assert main(["sft", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a dataset" in capsys.readouterr().err
