@@ -118,3 +118,33 @@ def test_collect_cli_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "behaviour policy success" in out and "100.0%" in out
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["env"] == "sudoku"
+
+
+def test_novelty_guided_collection_branches_from_the_most_novel_states(tiny_model_dir, tmp_path, monkeypatch):
+    """After the first shard, half of each shard's groups start from the highest-N(s) states seen so far."""
+    import spa_rl.selfplay as sp
+    from spa_rl import envs
+
+    calls = []
+    original = sp._score_new_states
+
+    def spy(*a, **k):
+        out = original(*a, **k)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(sp, "_score_new_states", spy)
+    collect("sokoban", str(tmp_path), policy="novelty", model=str(tiny_model_dir), puzzles=8, samples=2,
+            max_new_tokens=4, puzzles_per_shard=4, filter_malformed=False, quiet=True)
+    rows = read_jsonl(tmp_path / "train.jsonl") + read_jsonl(tmp_path / "val.jsonl")
+    branched = {r["meta"]["trajectory"] for r in rows if r["meta"]["sample"] >= 10_000}
+    assert len(branched) == 2 * 2, "2 of the second shard's 4 groups, 2 samples each"
+    first_shard = calls[0]
+    assert first_shard and all(isinstance(score, float) for score, _, _ in first_shard)
+    env = envs.make("sokoban", render="grid+coords").unwrapped
+    best = set()
+    for _, seed, snap in sorted(first_shard, key=lambda x: -x[0])[:2]:
+        env.reset(seed=seed)
+        best.add(env.restore(snap))
+    starts = {r["meta"]["state_before"] for r in rows if r["meta"]["sample"] >= 10_000 and r["meta"]["turn"] == 1}
+    assert starts == best

@@ -175,13 +175,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     from spa_rl.selfplay import collect
 
-    if args.policy != "model" and args.model:
-        raise SpaError("--model is for --policy model; scripted policies need no model")
+    if args.policy in ("random", "solver") and args.model:
+        raise SpaError("--model is for --policy model or novelty; scripted policies need no model")
     stats = collect(args.env, args.out, policy=args.policy, model=args.model, puzzles=args.puzzles,
                     samples=args.samples, render=args.render, fmt=args.format, first_seed=args.first_seed,
                     temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                     filter_malformed=not args.no_filter, val_fraction=args.val_fraction, seed=args.seed,
-                    backend=args.backend, device=args.device, dtype=args.dtype)
+                    backend=args.backend, device=args.device, dtype=args.dtype, branch_share=args.branch_share)
     table = Table(title=f"self-play data: {args.env}, behaviour policy {args.policy} -> {args.out}")
     table.add_column("")
     table.add_column("count", justify="right")
@@ -303,8 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "states, write an SFT dataset (resumable)")
     co.add_argument("--env", required=True, help="environment name (see `spa env list`)")
     co.add_argument("--out", required=True, help="dataset directory (train.jsonl, val.jsonl, manifest.json)")
-    co.add_argument("--policy", choices=("model", "random", "solver"), default="model",
-                    help="behaviour policy: the model itself (default, the paper's), random or solver")
+    co.add_argument("--policy", choices=("model", "novelty", "random", "solver"), default="model",
+                    help="behaviour policy: the model itself (default, the paper's); novelty: the model, with "
+                         "episodes branching from the most novel states seen so far; random; solver")
+    co.add_argument("--branch-share", type=float, default=0.5,
+                    help="with --policy novelty: share of puzzle groups that start from novel states (0.5)")
     co.add_argument("--model", help="model for --policy model (default: the embedded smollm2-135m)")
     co.add_argument("--puzzles", type=_positive_int, default=160, help="training puzzles (default 160)")
     co.add_argument("--samples", type=_positive_int, default=8, help="episodes per puzzle (default 8)")

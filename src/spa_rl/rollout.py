@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from spa_rl import envs
-from spa_rl.envs.base import PuzzleEnv
+from spa_rl.envs.base import EnvSnapshot, PuzzleEnv
 from spa_rl.generation import GenerationBackend, SamplingConfig
 from spa_rl.policies import random_action
 from spa_rl.prompts import FORMATS, ParsedResponse, first_messages, format_response, parse_response, turn_message
@@ -58,6 +58,8 @@ class RolloutConfig:
     """Episodes generated in one batch."""
     env_overrides: dict = field(default_factory=dict)
     """Extra constructor arguments of the env (e.g. `{"dim": (7, 7)}`)."""
+    record_snapshots: bool = False
+    """Keep an env snapshot of every turn's starting state in `Episode.snapshots` (for branching)."""
 
     def limits(self) -> tuple[int, int, int]:
         v = envs.get_variant(self.env)
@@ -111,7 +113,9 @@ class Episode:
     """The env reached a terminal state."""
     num_actions: int = 0
     info: dict = field(default_factory=dict)
-    """Reset info of the puzzle (e.g. Sokoban's `optimal_moves`)."""
+    """Reset info of the puzzle (e.g. Sokoban's `optimal_moves`); `branched` when it started from a snapshot."""
+    snapshots: list = field(default_factory=list)
+    """Env snapshots of each turn's starting state (only with `RolloutConfig.record_snapshots`)."""
 
     @property
     def total_reward(self) -> float:
@@ -130,7 +134,7 @@ class Episode:
         return ids, mask
 
     def to_json(self, with_tokens: bool = False) -> dict:
-        """A JSON-ready record (token ids and log-probs only if asked)."""
+        """A JSON-ready record (token ids and log-probs only if asked; snapshots never)."""
         turns = []
         for t in self.turns:
             d = asdict(t)
@@ -251,10 +255,13 @@ class RolloutEngine:
                 raise ValueError("policy 'model' needs a generation backend and a tokenizer")
             self.chat = ChatTokens(tokenizer, getattr(backend, "stop_ids", [tokenizer.eos_token_id]))
 
-    def _start(self, seed: int, sample: int) -> _Live:
+    def _start(self, seed: int, sample: int, snapshot: EnvSnapshot | None = None) -> _Live:
         cfg = self.config
         env = envs.make(cfg.env, render=cfg.render, **cfg.env_overrides).unwrapped
         obs, info = env.reset(seed=seed)
+        if snapshot is not None:  # branch: start from a state reached earlier instead of the puzzle's start
+            obs = env.restore(snapshot)
+            info = {**info, "branched": True}
         _, per_turn, per_episode = cfg.limits()
         messages = first_messages(env, obs, cfg.render, cfg.format, per_turn, per_episode,
                                   cfg.sampling.max_new_tokens)
@@ -280,6 +287,8 @@ class RolloutEngine:
         ep, env = lv.episode, lv.env
         parsed = parse_response(text, cfg.format)
         before = env.render_text()
+        if cfg.record_snapshots:
+            ep.snapshots.append(env.snapshot())
         actions = parsed.actions[:min(per_turn, lv.actions_left)] if parsed.format_ok else []
         reward, valid, effective = 0.0, [], []
         for a in actions:
@@ -314,9 +323,15 @@ class RolloutEngine:
 
         `seed` fixes the sampling randomness; `progress(n)` is called as episodes finish.
         """
+        return self.run_tasks([(s, k, None) for s, k in itertools.product(seeds, range(group_size))], seed,
+                              progress)
+
+    def run_tasks(self, tasks: Sequence[tuple[int, int, EnvSnapshot | None]], seed: int = 0,
+                  progress: Callable[[int], None] | None = None) -> list[Episode]:
+        """Play episodes given as (puzzle seed, sample index, starting snapshot or None); return them in order."""
         generator = torch.Generator().manual_seed(seed)
         rng = np.random.default_rng(seed)
-        pending = iter(itertools.product(seeds, range(group_size)))
+        pending = iter(tasks)
         finished: list[Episode] = []
         active: list[_Live] = []
         while True:
@@ -338,5 +353,6 @@ class RolloutEngine:
                 else:
                     still.append(lv)
             active = still
-        order = {s: i for i, s in enumerate(seeds)}
-        return sorted(finished, key=lambda e: (order[e.seed], e.sample))
+        order = {id(e): i for i, e in enumerate(finished)}
+        rank = {(t[0], t[1]): i for i, t in enumerate(tasks)}
+        return sorted(finished, key=lambda e: (rank.get((e.seed, e.sample), len(rank)), order[id(e)]))

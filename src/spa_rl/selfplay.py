@@ -207,9 +207,16 @@ def collect(env: str, out: str, policy: str = "model", model: str | None = None,
             samples: int = 8, render: str = "grid+coords", fmt: str = "world-model", first_seed: int = 0,
             temperature: float = 1.0, max_new_tokens: int = 256, filter_malformed: bool = True,
             val_fraction: float = 0.1, seed: int = 0, puzzles_per_shard: int = 4, backend: str = "kv",
-            device: str = "auto", dtype: str = "auto", quiet: bool = False) -> CollectStats:
+            device: str = "auto", dtype: str = "auto", branch_share: float = 0.5, round_: int = 0,
+            quiet: bool = False) -> CollectStats:
     """Play `samples` episodes on each of `puzzles` training puzzles with the behaviour `policy` and write the
-    rewritten turns as a dataset in `out` (resumable)."""
+    rewritten turns as a dataset in `out` (resumable).
+
+    `policy="novelty"` is the model as behaviour policy with novelty-guided starts: after the first shard, a
+    `branch_share` of each shard's puzzle groups start from the most novel states seen so far (highest N(s)
+    under the model) instead of a fresh puzzle, so the data concentrates where the model is least familiar.
+    The number of episodes stays the same.
+    """
     from spa_rl import envs
     from spa_rl.evaluation import VALIDATION_SEED_OFFSET
     from spa_rl.generation import SamplingConfig, make_backend
@@ -217,26 +224,32 @@ def collect(env: str, out: str, policy: str = "model", model: str | None = None,
     from spa_rl.progress import progress_bar
     from spa_rl.rollout import RolloutConfig, RolloutEngine
 
-    envs.get_variant(env)
+    variant = envs.get_variant(env)
     if first_seed < 0 or first_seed + puzzles > VALIDATION_SEED_OFFSET:
         raise SpaError(f"training seeds must lie in [0, {VALIDATION_SEED_OFFSET}): validation uses the rest")
-    if policy not in ("model", "random", "solver"):
-        raise SpaError(f"unknown behaviour policy {policy!r}: use model, random or solver")
+    if policy not in POLICIES:
+        raise SpaError(f"unknown behaviour policy {policy!r}: use one of {', '.join(POLICIES)}")
+    if not 0.0 <= branch_share <= 1.0:
+        raise SpaError(f"branch share must be within [0, 1], got {branch_share}")
     writable_dir(out)
+    uses_model = policy in ("model", "novelty")
     header = {"env": env, "render": render, "format": fmt, "policy": policy,
-              "model": (model or "smollm2-135m") if policy == "model" else None, "samples": samples,
+              "model": (model or "smollm2-135m") if uses_model else None, "samples": samples,
               "first_seed": first_seed, "temperature": temperature, "max_new_tokens": max_new_tokens,
-              "filter_malformed": filter_malformed, "val_fraction": val_fraction, "seed": seed}
+              "filter_malformed": filter_malformed, "val_fraction": val_fraction, "seed": seed, "round": round_,
+              "branch_share": branch_share if policy == "novelty" else None}
     writer = DatasetWriter(CollectConfig(out, val_fraction, filter_malformed, {"policy": policy}), header)
-    config = RolloutConfig(env=env, render=render, format=fmt,
+    config = RolloutConfig(env=env, render=render, format=fmt, record_snapshots=policy == "novelty",
                            sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
-    if policy == "model":
+    lm = None
+    if uses_model:
         from spa_rl.models import DEFAULT_MODEL, load_model
 
         lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
         engine = RolloutEngine(config, make_backend(backend, lm.model, lm.tokenizer), lm.tokenizer)
     else:
         engine = RolloutEngine(config, policy=policy)
+    pool: list[tuple[float, int, object]] = []  # (novelty, seed, snapshot) of states seen so far
     seeds = list(range(first_seed, first_seed + puzzles))
     units = [seeds[i:i + puzzles_per_shard] for i in range(0, len(seeds), puzzles_per_shard)]
     with progress_bar(transient=quiet) as bar:
@@ -246,7 +259,34 @@ def collect(env: str, out: str, policy: str = "model", model: str | None = None,
             if writer.is_done(name):
                 bar.advance(task, len(unit_seeds) * samples)
                 continue
-            episodes = engine.run(unit_seeds, group_size=samples, seed=seed + k,
-                                  progress=lambda n: bar.advance(task, n))
-            writer.add(name, episodes, fmt, render, {})
+            n_branch = round(branch_share * len(unit_seeds)) if policy == "novelty" and pool else 0
+            pool.sort(key=lambda x: -x[0])
+            branches, pool = pool[:n_branch], pool[n_branch:]
+            tasks = [(s, j, None) for s in unit_seeds[:len(unit_seeds) - len(branches)] for j in range(samples)]
+            tasks += [(s, 10_000 * (b + 1) + j, snap) for b, (_, s, snap) in enumerate(branches)
+                      for j in range(samples)]
+            episodes = engine.run_tasks(tasks, seed=seed + k, progress=lambda n: bar.advance(task, n))
+            writer.add(name, episodes, fmt, render, {}, round_)
+            if policy == "novelty":
+                pool += _score_new_states(lm, env, render, fmt, variant, episodes)
     return writer.finalize()
+
+
+POLICIES = ("model", "novelty", "random", "solver")
+
+
+def _score_new_states(lm, env_name: str, render: str, fmt: str, variant, episodes: list[Episode]) -> list:
+    """(N(s), seed, snapshot) for every distinct non-terminal turn-start state of the episodes."""
+    from spa_rl import envs
+    from spa_rl.novelty import score_states, state_contexts
+
+    env = envs.make(env_name, render=render).unwrapped
+    seen: dict[str, tuple[int, object]] = {}
+    for ep in episodes:
+        for turn, snap in zip(ep.turns, ep.snapshots, strict=False):
+            if not snap.done and turn.state_before not in seen:
+                seen[turn.state_before] = (ep.seed, snap)
+    items = [state_contexts(env, text, render, fmt, lm.tokenizer, variant.max_actions_per_turn,
+                            variant.max_actions_per_episode) for text in seen]
+    scores = score_states(lm.model, lm.tokenizer, items) if items else []
+    return [(score, seed, snap) for score, (seed, snap) in zip(scores, seen.values(), strict=True)]
