@@ -148,3 +148,19 @@ def test_novelty_guided_collection_branches_from_the_most_novel_states(tiny_mode
         best.add(env.restore(snap))
     starts = {r["meta"]["state_before"] for r in rows if r["meta"]["sample"] >= 10_000 and r["meta"]["turn"] == 1}
     assert starts == best
+
+
+def test_selfplay_rounds_log_heldout_novelty_and_resume(tiny_model_dir, tmp_path, monkeypatch):
+    from spa_rl.selfplay import selfplay_rounds
+
+    kwargs = dict(rounds=2, model=str(tiny_model_dir), policy="solver", puzzles=2, samples=1, heldout_puzzles=2,
+                  sft_overrides={"epochs": 1, "tensorboard": False, "dtype": "fp32"}, quiet=True)
+    history = selfplay_rounds("frozenlake-det", str(tmp_path), **kwargs)
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert history[2]["model"].endswith("round-2/sft/model") and history[1]["heldout"]["states"] > 0
+    assert len(read_jsonl(tmp_path / "rounds.jsonl")) == 3
+    # a rerun finds every round done and trains nothing
+    import spa_rl.sft as sft
+
+    monkeypatch.setattr(sft, "train_sft", lambda *a, **k: pytest.fail("retrained a finished round"))
+    assert selfplay_rounds("frozenlake-det", str(tmp_path), **kwargs) == history

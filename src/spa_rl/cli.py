@@ -240,6 +240,26 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selfplay(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from spa_rl.selfplay import selfplay_rounds
+
+    sft = {"epochs": args.epochs, "lora": args.lora}
+    history = selfplay_rounds(args.env, args.out, rounds=args.rounds, model=args.model, policy=args.policy,
+                              puzzles=args.puzzles, samples=args.samples, render=args.render,
+                              heldout_puzzles=args.heldout_puzzles, sft_overrides=sft,
+                              collect_overrides={"max_new_tokens": args.max_new_tokens})
+    table = Table(title=f"self-play rounds on {args.env}: novelty of held-out states")
+    for col in ("round", "model", "mean N(s)", "perplexity"):
+        table.add_column(col)
+    for h in history:
+        table.add_row(str(h["round"]), h["model"], f"{h['heldout']['mean_nll']:.3f}",
+                      f"{h['heldout']['perplexity']:.2f}")
+    _console().print(table)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -355,6 +375,24 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--no-tensorboard", action="store_true", help="JSONL metrics only")
     sf.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases")
     sf.set_defaults(func=cmd_sft)
+
+    sp = sub.add_parser("selfplay", help="alternate `spa collect` and `spa sft` for several rounds, logging the "
+                        "novelty of held-out states per round (resumable)")
+    sp.add_argument("--env", required=True, help="environment name")
+    sp.add_argument("--out", required=True, help="directory for every round's data, model and rounds.jsonl")
+    sp.add_argument("--rounds", type=_positive_int, default=2, help="rounds (default 2)")
+    sp.add_argument("--model", help="starting model (default smollm2-135m)")
+    sp.add_argument("--policy", choices=("model", "novelty", "random", "solver"), default="model",
+                    help="behaviour policy of every round (default model)")
+    sp.add_argument("--puzzles", type=_positive_int, default=32, help="training puzzles per round (default 32)")
+    sp.add_argument("--samples", type=_positive_int, default=4, help="episodes per puzzle (default 4)")
+    sp.add_argument("--render", choices=RENDERS, default="grid+coords", help="default grid+coords")
+    sp.add_argument("--epochs", type=_positive_int, default=5, help="SFT epochs per round (default 5)")
+    sp.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
+    sp.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens per response (default 256)")
+    sp.add_argument("--heldout-puzzles", type=_positive_int, default=16,
+                    help="validation puzzles whose states measure novelty (default 16)")
+    sp.set_defaults(func=cmd_selfplay)
 
     env = sub.add_parser("env", help="list, show, play and solve the environments")
     env_sub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")

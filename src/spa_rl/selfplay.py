@@ -290,3 +290,58 @@ def _score_new_states(lm, env_name: str, render: str, fmt: str, variant, episode
                             variant.max_actions_per_episode) for text in seen]
     scores = score_states(lm.model, lm.tokenizer, items) if items else []
     return [(score, seed, snap) for score, (seed, snap) in zip(scores, seen.values(), strict=True)]
+
+
+def selfplay_rounds(env: str, out: str, rounds: int = 2, model: str | None = None, policy: str = "model",
+                    puzzles: int = 32, samples: int = 4, render: str = "grid+coords", heldout_puzzles: int = 16,
+                    sft_overrides: dict | None = None, collect_overrides: dict | None = None,
+                    quiet: bool = False) -> list[dict]:
+    """Alternate self-play collection and world-model SFT for `rounds` rounds, each round starting from the
+    previous round's model, on fresh training puzzles. Before the first round and after every round, the mean
+    novelty of held-out (validation-puzzle) states under the current model is logged to `out/rounds.jsonl`.
+    Finished rounds are skipped when the command is run again."""
+    from spa_rl.envs import get_variant
+    from spa_rl.io import writable_dir
+    from spa_rl.models import DEFAULT_MODEL, load_model
+    from spa_rl.novelty import perplexity_summary, sample_states, score_states, state_contexts
+    from spa_rl.sft import SFTConfig, train_sft
+
+    variant = get_variant(env)
+    root = writable_dir(out)
+    log_path = root / "rounds.jsonl"
+    done = {r["round"]: r for r in (read_jsonl(log_path) if log_path.is_file() else [])}
+
+    def heldout_novelty(model_path: str) -> dict:
+        from spa_rl import envs
+
+        lm = load_model(model_path)
+        e = envs.make(env, render=render).unwrapped
+        items = [state_contexts(e, s, render, "world-model", lm.tokenizer, variant.max_actions_per_turn,
+                                variant.max_actions_per_episode) for s in sample_states(env, render, heldout_puzzles)]
+        return perplexity_summary(score_states(lm.model, lm.tokenizer, items))
+
+    current = model or DEFAULT_MODEL
+    history = []
+    if 0 not in done:
+        done[0] = {"round": 0, "model": current, "heldout": heldout_novelty(current)}
+        _append_jsonl(log_path, done[0])
+    history.append(done[0])
+    for r in range(1, rounds + 1):
+        model_dir = root / f"round-{r}" / "sft" / "model"
+        if r not in done:
+            data = root / f"round-{r}" / "data"
+            collect(env, str(data), policy=policy, model=current, puzzles=puzzles, samples=samples, render=render,
+                    first_seed=(r - 1) * puzzles, round_=r, quiet=quiet, **(collect_overrides or {}))
+            train_sft(SFTConfig(data=str(data), out=str(root / f"round-{r}" / "sft"), model=current, env=env,
+                                **(sft_overrides or {})), quiet=quiet)
+            done[r] = {"round": r, "model": str(model_dir), "heldout": heldout_novelty(str(model_dir))}
+            _append_jsonl(log_path, done[r])
+        history.append(done[r])
+        current = str(model_dir)
+    return history
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
