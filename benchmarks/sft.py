@@ -44,13 +44,12 @@ def samples(tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
     return [encode_sample(tokenizer, r, "full") for r in rows]
 
 
-def throughput(model, data, micro: int, steps: int, autocast: bool) -> float:
+def throughput(model, data, micro: int, steps: int, autocast: bool, pad: int) -> float:
     from spa_rl.sft import _collate, token_nll_sum
 
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batches = [list(range(i, i + micro)) for i in range(0, len(data) - micro + 1, micro)]
-    pad = 2
 
     def step(idx: list[int]) -> int:
         batch = _collate(data, idx, pad)
@@ -86,7 +85,7 @@ def main() -> None:
           f"SFT samples of {mean_len:.0f} tokens on average, micro-batch {args.micro_batch}")
     print(f"matmul peak (2048^3): bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s")
     for name, autocast in (("bf16 autocast", True), ("fp32", False)):
-        tps = throughput(lm.model, data, args.micro_batch, args.steps, autocast)
+        tps = throughput(lm.model, data, args.micro_batch, args.steps, autocast, lm.tokenizer.pad_token_id)
         flops = 6 * params * tps
         print(f"{name:>13}: {tps:7.1f} tokens/s = {flops / 1e9:6.1f} GFLOP/s = {flops / peak_bf16:.1%} of the bf16 "
               f"peak ({flops / peak_fp32:.1%} of the fp32 peak)", flush=True)
