@@ -83,24 +83,27 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig,
     """Sample one token per row from last-position `logits` [B, V]: (tokens [B], their log-probs [B])."""
     logits = logits.float()
     if config.temperature <= 0:
-        logp = torch.log_softmax(logits, dim=-1)
         tokens = logits.argmax(dim=-1)
-        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
-    logp = torch.log_softmax(logits / config.temperature, dim=-1)
-    filtered = logp
-    if config.top_k and config.top_k < logp.shape[-1]:
-        kth = torch.topk(logp, config.top_k, dim=-1).values[:, -1:]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+        chosen = logits.gather(1, tokens[:, None]).squeeze(1)
+        return tokens, chosen - torch.logsumexp(logits, dim=-1)
+    scaled = logits / config.temperature
+    peak = scaled.max(dim=-1, keepdim=True).values
+    weights = (scaled - peak).exp_()  # unnormalised probabilities
+    log_total = weights.sum(dim=-1).log()
+    if config.top_k and config.top_k < weights.shape[-1]:
+        kth = torch.topk(weights, config.top_k, dim=-1).values[:, -1:]
+        weights = weights.masked_fill(weights < kth, 0.0)
     if config.top_p < 1.0:
-        sorted_lp, order = torch.sort(filtered, dim=-1, descending=True)
-        cum = sorted_lp.exp().cumsum(dim=-1)
-        drop = cum - sorted_lp.exp() > config.top_p
-        filtered = filtered.scatter(1, order, sorted_lp.masked_fill(drop, float("-inf")))
+        sorted_w, order = torch.sort(weights, dim=-1, descending=True)
+        cum = sorted_w.cumsum(dim=-1)
+        drop = (cum - sorted_w) > config.top_p * cum[:, -1:]
+        weights = weights.scatter(1, order, sorted_w.masked_fill(drop, 0.0))
     # inverse-CDF sampling: one cumsum and a binary search (torch.multinomial is ~10x slower on CPU here)
-    cdf = filtered.exp().cumsum(dim=-1)
+    cdf = weights.cumsum(dim=-1)
     u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+    tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+    chosen = scaled.gather(1, tokens[:, None]).squeeze(1)
+    return tokens, chosen - peak.squeeze(1) - log_total
 
 
 def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
