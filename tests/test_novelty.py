@@ -40,3 +40,16 @@ def test_sampled_states_and_summary():
     assert len(states) >= 5 and all("P" in s or "√" in s or "X" in s for s in states)
     s = perplexity_summary([math.log(2.0), math.log(8.0)])
     assert s["perplexity"] == pytest.approx(4.0) and s["mean_state_perplexity"] == pytest.approx(5.0)
+
+
+def test_novelty_cli_reports_both_renders(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from spa_rl.cli import main
+
+    out = tmp_path / "nov.json"
+    assert main(["novelty", "--model", str(tiny_model_dir), "--env", "sudoku", "--puzzles", "2",
+                 "--out", str(out)]) == 0
+    (report,) = json.loads(out.read_text())
+    assert report["env"] == "sudoku" and report["grid"]["states"] > 0 and report["grid+coords"]["perplexity"] > 1
+    assert main(["novelty", "--env", "nope"]) == 2
