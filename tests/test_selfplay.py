@@ -158,7 +158,7 @@ def test_selfplay_rounds_log_heldout_novelty_and_resume(tiny_model_dir, tmp_path
     history = selfplay_rounds("frozenlake-det", str(tmp_path), **kwargs)
     assert [h["round"] for h in history] == [0, 1, 2]
     assert history[2]["model"].endswith("round-2/sft/model") and history[1]["heldout"]["states"] > 0
-    assert len(read_jsonl(tmp_path / "rounds.jsonl")) == 3
+    assert len(read_jsonl(tmp_path / "rounds.jsonl")) == 3 and (tmp_path / "novelty.png").is_file()
     # a rerun finds every round done and trains nothing
     import spa_rl.sft as sft
 

@@ -135,6 +135,7 @@ def test_lora_sft_gives_an_adapter_that_eval_loads(small_dataset, tiny64, tmp_pa
                         batch_size=2, micro_batch_size=1, tensorboard=False, dtype="fp32"), quiet=True)
     assert (tmp_path / "model" / "adapter_config.json").is_file()
     assert load_model(str(tmp_path / "model"), dtype="fp32").model is not None
+    assert (tmp_path / "loss.png").is_file()
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/train" in m for m in metrics)
 

@@ -338,6 +338,9 @@ def selfplay_rounds(env: str, out: str, rounds: int = 2, model: str | None = Non
             _append_jsonl(log_path, done[r])
         history.append(done[r])
         current = str(model_dir)
+    from spa_rl.plots import plot_rounds
+
+    plot_rounds(root)
     return history
 
 

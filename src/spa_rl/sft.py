@@ -370,4 +370,7 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
     _save_dir_atomically(out / "model", lambda tmp: _save_model(unwrapped, tokenizer, tmp, meta))
     atomic_write_json(out / "result.json", final)
     logger.close()
+    from spa_rl.plots import plot_sft
+
+    plot_sft(out)
     return final

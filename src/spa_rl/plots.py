@@ -1,0 +1,72 @@
+"""Plots of a run's metrics, written as PNG next to them (matplotlib, no display needed).
+
+This module must never compute metrics: it only draws what `metrics.jsonl` and `rounds.jsonl` hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sft(run_dir: str | Path) -> Path | None:
+    """`loss.png`: training loss per step and validation loss per epoch, with the learning rate."""
+    from spa_rl.runlog import read_metrics
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    train = [(r["step"], r["loss/train"]) for r in rows if "loss/train" in r]
+    val = [(r["step"], r["loss/val"]) for r in rows if "loss/val" in r]
+    lr = [(r["step"], r["train/lr"]) for r in rows if "train/lr" in r]
+    if not train:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train, strict=True), label="train loss (per step)", lw=1, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss (per epoch)", lw=2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("token NLL (nats)")
+    ax.grid(alpha=0.3)
+    if lr:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lr, strict=True), color="gray", ls=":", lw=1, label="learning rate")
+        ax2.set_ylabel("learning rate", color="gray")
+    ax.legend(loc="upper right")
+    ax.set_title(f"world-model SFT: {run_dir.name}")
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_rounds(out_dir: str | Path) -> Path | None:
+    """`novelty.png`: mean novelty (perplexity) of held-out states after each self-play round."""
+    from spa_rl.selfplay import read_jsonl
+
+    out_dir = Path(out_dir)
+    path = out_dir / "rounds.jsonl"
+    if not path.is_file():
+        return None
+    rows = sorted(read_jsonl(path), key=lambda r: r["round"])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["round"] for r in rows], [r["heldout"]["perplexity"] for r in rows], "o-")
+    ax.set_xlabel("self-play round (0 = before)")
+    ax.set_ylabel("held-out state perplexity")
+    ax.grid(alpha=0.3)
+    ax.set_title("novelty of held-out states")
+    fig.tight_layout()
+    out = out_dir / "novelty.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
