@@ -22,7 +22,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from spa_rl.errors import SpaError
+from spa_rl.errors import LayoutError, SpaError
 
 RENDERS: tuple[str, ...] = ("grid", "grid+coords")
 """The two render modes: the raw symbol grid, and the grid followed by a line of entity coordinates."""
@@ -211,8 +211,6 @@ def entity_clause(singular: str, plural: str, symbol: str, cells: list[tuple[int
 
 def layout_lines(text: str, name: str) -> list[str]:
     """The grid lines of a layout text: surrounding blank lines and a trailing coordinate line dropped."""
-    from spa_rl.errors import LayoutError
-
     if not isinstance(text, str):
         raise LayoutError(f"{name} layout must be text, got {type(text).__name__}")
     lines = [ln.rstrip("\r") for ln in text.strip("\n").split("\n")]
