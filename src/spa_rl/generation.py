@@ -349,6 +349,7 @@ class KVCacheBackend:
         parked: list = []
         next_pos = last + 1
         used = width
+        mask4: torch.Tensor | None = None
         for step in range(config.max_new_tokens):
             tok, lp = sample_next(logits, config, generator)
             done_now = torch.isin(tok, stop)
@@ -377,7 +378,11 @@ class KVCacheBackend:
             col = width + step
             mask[:, col] = 1
             used = col + 1
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+            if mask4 is None or mask4.shape[0] != mask.shape[0]:
+                mask4 = mask[:, None, None, :].bool()
+            mask4[:, 0, 0, col] = True
+            # a ready 4D mask skips the model's mask construction at every step
+            out = self.model(input_ids=tok[:, None], attention_mask=mask4, position_ids=next_pos[:, None],
                              past_key_values=cache, use_cache=True,
                              cache_position=torch.tensor([col], device=device))
             logits = out.logits[:, -1, :]
