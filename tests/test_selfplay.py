@@ -79,7 +79,7 @@ def test_interrupted_collection_resumes_without_duplicates(tmp_path, monkeypatch
 
     part = tmp_path / "part"
     calls = {"n": 0}
-    original = RolloutEngine.run
+    original = RolloutEngine.run_tasks
 
     def flaky(self, *a, **k):
         calls["n"] += 1
@@ -87,13 +87,13 @@ def test_interrupted_collection_resumes_without_duplicates(tmp_path, monkeypatch
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
-    monkeypatch.setattr(RolloutEngine, "run", flaky)
+    monkeypatch.setattr(RolloutEngine, "run_tasks", flaky)
     with pytest.raises(KeyboardInterrupt):
         collect("frozenlake-det", str(part), policy="random", puzzles=12, samples=2, quiet=True)
     assert len(list((part / "shards").glob("*.jsonl"))) == 2  # what was written is complete and valid
     for shard in (part / "shards").glob("*.jsonl"):
         read_jsonl(shard)
-    monkeypatch.setattr(RolloutEngine, "run", original)
+    monkeypatch.setattr(RolloutEngine, "run_tasks", original)
     collect("frozenlake-det", str(part), policy="random", puzzles=12, samples=2, quiet=True)
     got = read_jsonl(part / "train.jsonl") + read_jsonl(part / "val.jsonl")
     assert [json.dumps(r) for r in got] == [json.dumps(r) for r in want]
