@@ -164,3 +164,15 @@ def test_selfplay_rounds_log_heldout_novelty_and_resume(tiny_model_dir, tmp_path
 
     monkeypatch.setattr(sft, "train_sft", lambda *a, **k: pytest.fail("retrained a finished round"))
     assert selfplay_rounds("frozenlake-det", str(tmp_path), **kwargs) == history
+
+
+def test_novelty_guided_collection_with_a_scripted_actor(tiny_model_dir, tmp_path):
+    """--novelty-actor random: the tiny model only scores states, random actions are played (so every turn is
+    well formed), and later shards still branch from novel states."""
+    stats = collect("sokoban", str(tmp_path), policy="novelty", novelty_actor="random", model=str(tiny_model_dir),
+                    puzzles=8, samples=2, puzzles_per_shard=4, quiet=True)
+    rows = read_jsonl(tmp_path / "train.jsonl") + read_jsonl(tmp_path / "val.jsonl")
+    assert stats.dropped_malformed == 0 and stats.kept + stats.dropped_duplicate == stats.turns
+    assert len({r["meta"]["trajectory"] for r in rows if r["meta"]["sample"] >= 10_000}) == 4
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["novelty_actor"] == "random"

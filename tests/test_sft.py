@@ -140,6 +140,23 @@ def test_lora_sft_gives_an_adapter_that_eval_loads(small_dataset, tiny64, tmp_pa
     assert any("loss/train" in m for m in metrics)
 
 
+def test_max_samples_trains_on_a_fixed_subset(small_dataset, tiny64, tmp_path):
+    """--max-samples caps the training rows (same subset for the same seed) so datasets compare at equal size."""
+    n_train = len(load_dataset(str(small_dataset))[0])
+    assert n_train > 2
+    runs = []
+    for name in ("a", "b"):
+        config = SFTConfig(data=str(small_dataset), out=str(tmp_path / name), model=str(tiny64), epochs=1,
+                           batch_size=2, micro_batch_size=1, tensorboard=False, dtype="fp32", max_train_samples=2)
+        runs.append(train_sft(config, quiet=True))
+    assert runs[0]["train_samples"] == 2 and runs[0]["steps"] == 1
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the same seed must pick the same subset"
+
+
 def test_dataset_of_another_env_is_refused(small_dataset, tmp_path, capsys):
     with pytest.raises(SpaError, match="collected on 'frozenlake-det', not 'sokoban'"):
         load_dataset(str(small_dataset), expected_env="sokoban")

@@ -181,7 +181,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
                     samples=args.samples, render=args.render, fmt=args.format, first_seed=args.first_seed,
                     temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                     filter_malformed=not args.no_filter, val_fraction=args.val_fraction, seed=args.seed,
-                    backend=args.backend, device=args.device, dtype=args.dtype, branch_share=args.branch_share)
+                    backend=args.backend, device=args.device, dtype=args.dtype, branch_share=args.branch_share,
+                    novelty_actor=args.novelty_actor)
     table = Table(title=f"self-play data: {args.env}, behaviour policy {args.policy} -> {args.out}")
     table.add_column("")
     table.add_column("count", justify="right")
@@ -229,7 +230,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     config = SFTConfig(data=args.data, out=args.out, model=args.model, loss=args.loss, epochs=args.epochs,
                        lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                       max_length=args.max_length, lora=args.lora, lora_r=args.lora_r, dtype=args.dtype,
+                       max_length=args.max_length, max_train_samples=args.max_samples, lora=args.lora,
+                       lora_r=args.lora_r, dtype=args.dtype,
                        device=args.device, seed=args.seed, env=args.env, save_every=args.save_every,
                        tensorboard=not args.no_tensorboard, wandb_project=args.wandb)
     result = train_sft(config)
@@ -328,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "episodes branching from the most novel states seen so far; random; solver")
     co.add_argument("--branch-share", type=float, default=0.5,
                     help="with --policy novelty: share of puzzle groups that start from novel states (0.5)")
+    co.add_argument("--novelty-actor", choices=("model", "random", "solver"), default="model",
+                    help="with --policy novelty: who picks the actions (default the model; novelty is always "
+                         "scored by --model)")
     co.add_argument("--model", help="model for --policy model (default: the embedded smollm2-135m)")
     co.add_argument("--puzzles", type=_positive_int, default=160, help="training puzzles (default 160)")
     co.add_argument("--samples", type=_positive_int, default=8, help="episodes per puzzle (default 8)")
@@ -365,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--batch-size", type=_positive_int, default=16, help="global batch (default 16)")
     sf.add_argument("--micro-batch-size", type=_positive_int, default=4, help="per pass (default 4)")
     sf.add_argument("--max-length", type=_positive_int, default=2048, help="longer samples are dropped (2048)")
+    sf.add_argument("--max-samples", type=_positive_int, default=0,
+                    help="train on a fixed random subset of this many training rows (default: all)")
     sf.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
     sf.add_argument("--lora-r", type=_positive_int, default=16, help="LoRA rank (default 16)")
     sf.add_argument("--env", help="refuse a dataset collected on another env")

@@ -208,14 +208,15 @@ def collect(env: str, out: str, policy: str = "model", model: str | None = None,
             temperature: float = 1.0, max_new_tokens: int = 256, filter_malformed: bool = True,
             val_fraction: float = 0.1, seed: int = 0, puzzles_per_shard: int = 4, backend: str = "kv",
             device: str = "auto", dtype: str = "auto", branch_share: float = 0.5, round_: int = 0,
-            quiet: bool = False) -> CollectStats:
+            novelty_actor: str = "model", quiet: bool = False) -> CollectStats:
     """Play `samples` episodes on each of `puzzles` training puzzles with the behaviour `policy` and write the
     rewritten turns as a dataset in `out` (resumable).
 
     `policy="novelty"` is the model as behaviour policy with novelty-guided starts: after the first shard, a
     `branch_share` of each shard's puzzle groups start from the most novel states seen so far (highest N(s)
     under the model) instead of a fresh puzzle, so the data concentrates where the model is least familiar.
-    The number of episodes stays the same.
+    The number of episodes stays the same. `novelty_actor` picks the actions of novelty-guided episodes: the
+    model (default) or a scripted policy (`random`, `solver`); novelty is always scored by `model`.
     """
     from spa_rl import envs
     from spa_rl.evaluation import VALIDATION_SEED_OFFSET
@@ -231,13 +232,16 @@ def collect(env: str, out: str, policy: str = "model", model: str | None = None,
         raise SpaError(f"unknown behaviour policy {policy!r}: use one of {', '.join(POLICIES)}")
     if not 0.0 <= branch_share <= 1.0:
         raise SpaError(f"branch share must be within [0, 1], got {branch_share}")
+    if novelty_actor not in ("model", "random", "solver"):
+        raise SpaError(f"unknown novelty actor {novelty_actor!r}: use model, random or solver")
     writable_dir(out)
     uses_model = policy in ("model", "novelty")
     header = {"env": env, "render": render, "format": fmt, "policy": policy,
               "model": (model or "smollm2-135m") if uses_model else None, "samples": samples,
               "first_seed": first_seed, "temperature": temperature, "max_new_tokens": max_new_tokens,
               "filter_malformed": filter_malformed, "val_fraction": val_fraction, "seed": seed, "round": round_,
-              "branch_share": branch_share if policy == "novelty" else None}
+              "branch_share": branch_share if policy == "novelty" else None,
+              "novelty_actor": novelty_actor if policy == "novelty" else None}
     writer = DatasetWriter(CollectConfig(out, val_fraction, filter_malformed, {"policy": policy}), header)
     config = RolloutConfig(env=env, render=render, format=fmt, record_snapshots=policy == "novelty",
                            sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
@@ -246,9 +250,11 @@ def collect(env: str, out: str, policy: str = "model", model: str | None = None,
         from spa_rl.models import DEFAULT_MODEL, load_model
 
         lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
+    actor = novelty_actor if policy == "novelty" else policy
+    if actor == "model":
         engine = RolloutEngine(config, make_backend(backend, lm.model, lm.tokenizer), lm.tokenizer)
     else:
-        engine = RolloutEngine(config, policy=policy)
+        engine = RolloutEngine(config, policy=actor)
     pool: list[tuple[float, int, object]] = []  # (novelty, seed, snapshot) of states seen so far
     seeds = list(range(first_seed, first_seed + puzzles))
     units = [seeds[i:i + puzzles_per_shard] for i in range(0, len(seeds), puzzles_per_shard)]
