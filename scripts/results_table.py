@@ -1,8 +1,10 @@
-"""Print a markdown table of the `metrics.json` files under a directory (one row per run).
+"""Print a markdown table of the `metrics.json` files under a directory, at any depth (one row per run).
 
     python scripts/results_table.py runs/zeroshot
+    python scripts/results_table.py runs/wm --world-model     # world-model columns only
 
-Used to write docs/results.md from runs anyone can repeat; it only reads files.
+Used to write docs/results.md from runs anyone can repeat; it only reads files. Runs evaluated before a metric
+existed get their world-model metrics recomputed from `trajectories.jsonl` (the same function `spa eval` uses).
 """
 
 from __future__ import annotations
@@ -15,20 +17,38 @@ COLUMNS = [("pass@1", "Pass@1"), ("pass@8", "Pass@8"), ("format_rate", "format")
            ("action_effective_rate", "effective"), ("mean_actions", "actions"), ("mean_response_tokens", "tokens"),
            ("observation_exact", "obs exact"), ("observation_cell_acc", "obs cells"),
            ("prediction_exact", "pred exact"), ("prediction_cell_acc", "pred cells")]
+WORLD_MODEL = [("pass@1", "Pass@1"), ("format_rate", "format"), ("observation_exact", "obs exact"),
+               ("prediction_exact", "pred exact"), ("prediction_cell_acc", "pred cells"),
+               ("prediction_exact_changed", "pred exact, state changed"),
+               ("prediction_cell_acc_changed", "pred cells, state changed"),
+               ("copy_exact_baseline", "copy exact"), ("copy_cell_acc_baseline", "copy cells")]
 
 
-def main(root: str) -> None:
+def _with_world_model(path: Path, m: dict) -> dict:
+    if "copy_exact_baseline" in m or not (path.parent / "trajectories.jsonl").is_file():
+        return m
+    from spa_rl.evaluation import world_model_metrics
+
+    turns = []
+    for line in (path.parent / "trajectories.jsonl").read_text(encoding="utf-8").split("\n"):
+        for t in [] if not line.strip() else json.loads(line)["turns"]:
+            turns.append((t["parsed"]["observation"], t["parsed"]["prediction"], t["state_before"], t["state_after"]))
+    return {**m, **world_model_metrics(turns)}
+
+
+def main(root: str, world_model: bool = False) -> None:
+    columns = WORLD_MODEL if world_model else COLUMNS
     rows = []
-    for path in sorted(Path(root).glob("*/metrics.json")):
-        m = json.loads(path.read_text())
+    for path in sorted(Path(root).rglob("metrics.json")):
+        m = _with_world_model(path, json.loads(path.read_text()))
         c = m["config"]
         who = c.get("model") or c["policy"]
         rows.append((who, c["env"], c["render"], m))
-    print("| policy | env | render | " + " | ".join(title for _, title in COLUMNS) + " |")
-    print("|---|---|---|" + "---:|" * len(COLUMNS))
+    print("| policy | env | render | " + " | ".join(title for _, title in columns) + " |")
+    print("|---|---|---|" + "---:|" * len(columns))
     for who, env, render, m in sorted(rows, key=lambda r: (r[0], r[1], r[2])):
         cells = []
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             v = m.get(key)
             cells.append("–" if v is None else (f"{v:.1f}" if key in ("mean_actions", "mean_response_tokens")
                                                 else f"{100 * v:.1f}"))
@@ -36,4 +56,5 @@ def main(root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs")
+    args = [a for a in sys.argv[1:] if a != "--world-model"]
+    main(args[0] if args else "runs", world_model="--world-model" in sys.argv)

@@ -16,11 +16,13 @@ from spa_rl.evaluation import (
     normalize_state,
     pass_at_k,
     validation_seeds,
+    world_model_metrics,
 )
 
 METRIC_KEYS = {"pass@1", "any@8", "success_per_puzzle", "action_valid_rate", "action_effective_rate",
                "mean_actions", "mean_response_tokens", "format_rate", "observation_exact", "observation_cell_acc",
-               "prediction_exact", "prediction_cell_acc"}
+               "prediction_exact", "prediction_cell_acc", "prediction_exact_changed", "prediction_cell_acc_changed",
+               "copy_exact_baseline", "copy_cell_acc_baseline", "changed_turns"}
 
 
 @pytest.mark.parametrize("n", range(1, 9))
@@ -40,6 +42,18 @@ def test_cell_accuracy_and_normalisation():
     assert cell_accuracy(None, true) == 0.0 and cell_accuracy("#xyz", true) == pytest.approx(1 / 15)
     assert cell_accuracy("1 . 3\n2 2 2", "1 2 3\n2 2 2") == pytest.approx(5 / 6)
     assert normalize_state("  ##\n\n #P  \n") == "##\n#P"
+
+
+def test_world_model_metrics_by_hand():
+    """Three turns: right about a change, wrong about a change (copied the state), garbage on a no-op turn."""
+    m = world_model_metrics([("a\nb", "a\nc", "a\nb", "a\nc"), ("a\nb", "a\nb", "a\nb", "a\nc"),
+                             ("x", "y", "a\nb", "a\nb")])
+    assert m["observation_exact"] == pytest.approx(2 / 3) and m["observation_cell_acc"] == pytest.approx(2 / 3)
+    assert m["prediction_exact"] == pytest.approx(1 / 3) and m["prediction_cell_acc"] == pytest.approx(0.5)
+    assert m["changed_turns"] == 2
+    assert m["prediction_exact_changed"] == 0.5 and m["prediction_cell_acc_changed"] == 0.75
+    assert m["copy_exact_baseline"] == pytest.approx(1 / 3) and m["copy_cell_acc_baseline"] == pytest.approx(2 / 3)
+    assert world_model_metrics([])["prediction_exact"] == 0.0
 
 
 def test_validation_seeds_are_disjoint_from_training():

@@ -91,13 +91,34 @@ def compute_metrics(episodes: Sequence[Episode], samples: int) -> dict:
     metrics["mean_response_tokens"] = float(np.mean([len(t.response_ids) for t in turns])) if turns else 0.0
     metrics["truncated_rate"] = float(np.mean([t.truncated for t in turns])) if turns else 0.0
     metrics["format_rate"] = float(np.mean([t.parsed.format_ok for t in turns])) if turns else 0.0
-    for name, guess, truth in (("observation", "observation", "state_before"),
-                               ("prediction", "prediction", "state_after")):
-        pairs = [(getattr(t.parsed, guess), getattr(t, truth)) for t in turns]
-        metrics[f"{name}_exact"] = (float(np.mean([normalize_state(g) == normalize_state(s) for g, s in pairs]))
-                                    if pairs else 0.0)
-        metrics[f"{name}_cell_acc"] = float(np.mean([cell_accuracy(g, s) for g, s in pairs])) if pairs else 0.0
+    metrics.update(world_model_metrics([(t.parsed.observation, t.parsed.prediction, t.state_before, t.state_after)
+                                        for t in turns]))
     return metrics
+
+
+def world_model_metrics(turns: Sequence[tuple[str | None, str | None, str, str]]) -> dict:
+    """World-model accuracy of (observation written, prediction written, true state before, true state after)
+    per turn: exact match and cell accuracy of both tags; the same for predictions on the turns whose actions
+    changed the state (`prediction_*_changed`); and `copy_*_baseline`, what the trivial prediction "nothing changes"
+    (the state before) would score on the same turns, the floor a prediction must beat to show a world model."""
+    def exact(pairs: list) -> float:
+        return float(np.mean([normalize_state(g) == normalize_state(s) for g, s in pairs])) if pairs else 0.0
+
+    def cells(pairs: list) -> float:
+        return float(np.mean([cell_accuracy(g, s) for g, s in pairs])) if pairs else 0.0
+
+    changed = [t for t in turns if normalize_state(t[2]) != normalize_state(t[3])]
+    groups = {"observation": [(o, b) for o, _, b, _ in turns], "prediction": [(p, a) for _, p, _, a in turns],
+              "prediction_changed": [(p, a) for _, p, _, a in changed],
+              "copy_baseline": [(b, a) for _, _, b, a in turns]}
+    out: dict = {}
+    for name, pairs in groups.items():
+        key = name.split("_")[0]
+        rest = name[len(key):]
+        out[f"{key}_exact{rest}"] = exact(pairs)
+        out[f"{key}_cell_acc{rest}"] = cells(pairs)
+    out["changed_turns"] = len(changed)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ the command

@@ -113,7 +113,8 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
 
     On CPU, PyTorch's fused attention kernel is slow for a single query (measured 10x slower here), so
     decoding steps use this; everything else (prefill, training) goes to the standard SDPA implementation.
-    Grouped-query attention is handled by folding the query heads of a group into rows.
+    Grouped-query attention is handled by folding the query heads of a group into rows. A mask narrower than
+    the static cache means the columns after it are unused: they are not read.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -122,6 +123,8 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                                       **kwargs)
     b, h, _, d = query.shape
     kvh = key.shape[1]
+    if attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:
+        key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
     scores = torch.matmul(query.reshape(b, kvh, h // kvh, d), key.transpose(-1, -2))
     scores = scores * (scaling if scaling is not None else d ** -0.5)
     if attention_mask is not None:
@@ -182,6 +185,8 @@ class KVCacheBackend:
         if device.type == "cpu" and getattr(model.config, "_attn_implementation", None) in ("sdpa", "spa_decode"):
             _register_decode_attention()
             model.set_attn_implementation("spa_decode")
+        # decode_attention reads only the cache columns the mask covers; other kernels need the full width
+        self._narrow_mask = getattr(model.config, "_attn_implementation", None) == "spa_decode"
 
     def reset(self) -> None:
         """Forget the kept cache (frees its memory)."""
@@ -381,8 +386,10 @@ class KVCacheBackend:
             if mask4 is None or mask4.shape[0] != mask.shape[0]:
                 mask4 = mask[:, None, None, :].bool()
             mask4[:, 0, 0, col] = True
-            # a ready 4D mask skips the model's mask construction at every step
-            out = self.model(input_ids=tok[:, None], attention_mask=mask4, position_ids=next_pos[:, None],
+            # a ready 4D mask skips the model's mask construction at every step; cut at the last used column, it
+            # also keeps decode_attention from reading the unused end of the static cache
+            step_mask = mask4[..., :used] if self._narrow_mask else mask4
+            out = self.model(input_ids=tok[:, None], attention_mask=step_mask, position_ids=next_pos[:, None],
                              past_key_values=cache, use_cache=True,
                              cache_position=torch.tensor([col], device=device))
             logits = out.logits[:, -1, :]
