@@ -8,11 +8,21 @@ import shutil
 
 import pytest
 import torch
+from conftest import build_tiny_model
 
 from spa_rl.cli import main
 from spa_rl.errors import SpaError
 from spa_rl.selfplay import collect
-from spa_rl.sft import SFTConfig, encode_sample, load_dataset, train_sft
+from spa_rl.sft import (
+    SFTConfig,
+    _collate,
+    encode_conversation,
+    encode_sample,
+    load_dataset,
+    pack_trajectories,
+    token_nll_sum,
+    train_sft,
+)
 
 CONTENT = ("<think> <observation>\n_P\nG_\n</observation> go down-left <prediction>\n__\n√_\n</prediction> "
            "</think> <answer> Left || Down </answer>")
@@ -101,7 +111,7 @@ def test_tiny_model_fine_tuned_on_transitions_reproduces_them(tokenizer, tmp_pat
 def test_interrupted_sft_resumes_to_the_same_model(small_dataset, tiny64, tmp_path, monkeypatch):
     def config(out):
         return SFTConfig(data=str(small_dataset), out=str(out), model=str(tiny64), epochs=4, batch_size=1,
-                         micro_batch_size=1, tensorboard=False, dtype="fp32", lr=1e-3)
+                         micro_batch_size=1, tensorboard=False, dtype="fp32", lr=1e-3, pack=False)
 
     straight = train_sft(config(tmp_path / "a"), quiet=True)
     original = torch.optim.AdamW.step
@@ -138,6 +148,25 @@ def test_lora_sft_gives_an_adapter_that_eval_loads(small_dataset, tiny64, tmp_pa
     assert (tmp_path / "loss.png").is_file()
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/train" in m for m in metrics)
+
+
+def test_packed_trajectories_give_the_same_loss_terms_as_one_row_per_turn(tokenizer, tmp_path):
+    """One sequence per trajectory with the loss on all its turns: the same loss tokens, the same summed NLL
+    (each turn sees the same context), for both loss variants; fewer tokens in all."""
+    collect("sokoban", str(tmp_path / "d"), policy="random", puzzles=4, samples=2, val_fraction=0.0, quiet=True)
+    rows = load_dataset(str(tmp_path / "d"))[0]
+    packed = pack_trajectories(rows)
+    assert len(packed) < len(rows) and sum(len(t) for _, t in packed) == len(rows)
+    model = build_tiny_model(tokenizer).eval()
+    for loss in ("full", "masked"):
+        per_row = [encode_sample(tokenizer, r, loss) for r in rows]
+        per_traj = [encode_conversation(tokenizer, m, loss, t) for m, t in packed]
+        assert sum(map(sum, (m for _, m in per_row))) == sum(map(sum, (m for _, m in per_traj)))
+        assert sum(len(x) for x, _ in per_traj) < 0.6 * sum(len(x) for x, _ in per_row)
+        with torch.no_grad():
+            a = sum(float(token_nll_sum(model, _collate(per_row, [i], 0))[0]) for i in range(len(per_row)))
+            b = sum(float(token_nll_sum(model, _collate(per_traj, [i], 0))[0]) for i in range(len(per_traj)))
+        assert a == pytest.approx(b, rel=1e-4)
 
 
 def test_max_samples_trains_on_a_fixed_subset(small_dataset, tiny64, tmp_path):

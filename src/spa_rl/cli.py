@@ -230,7 +230,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     config = SFTConfig(data=args.data, out=args.out, model=args.model, loss=args.loss, epochs=args.epochs,
                        lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                       max_length=args.max_length, max_train_samples=args.max_samples, lora=args.lora,
+                       max_length=args.max_length, max_train_samples=args.max_samples, pack=not args.no_pack,
+                       lora=args.lora,
                        lora_r=args.lora_r, dtype=args.dtype,
                        device=args.device, seed=args.seed, env=args.env, save_every=args.save_every,
                        tensorboard=not args.no_tensorboard, wandb_project=args.wandb)
@@ -372,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--max-length", type=_positive_int, default=2048, help="longer samples are dropped (2048)")
     sf.add_argument("--max-samples", type=_positive_int, default=0,
                     help="train on a fixed random subset of this many training rows (default: all)")
+    sf.add_argument("--no-pack", action="store_true",
+                    help="one sequence per turn instead of one per trajectory with the loss on all its turns "
+                         "(same loss terms, ~3x the tokens)")
     sf.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
     sf.add_argument("--lora-r", type=_positive_int, default=16, help="LoRA rank (default 16)")
     sf.add_argument("--env", help="refuse a dataset collected on another env")

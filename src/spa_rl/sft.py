@@ -66,6 +66,9 @@ class SFTConfig:
     max_train_samples: int = 0
     """Train on at most this many training rows, a random subset fixed by `seed` (0: all). Compares datasets
     at an equal number of transitions."""
+    pack: bool = True
+    """Train on each trajectory as one sequence with the loss on all its turns (same loss terms and contexts as
+    one sequence per turn, ~3x fewer tokens for multi-turn data); `batch_size` then counts trajectories."""
     lora: bool = False
     """Train a LoRA adapter instead of all weights."""
     lora_r: int = 16
@@ -118,36 +121,74 @@ def load_dataset(data_dir: str, expected_env: str | None = None) -> tuple[list[d
 
 def encode_sample(tokenizer: Any, row: dict, loss: str) -> tuple[list[int], list[int]]:
     """(input ids, loss mask) of one sample: the mask is 1 on the assistant turn's tokens (see module doc)."""
+    messages = row["prompt"] + row["completion"]
+    return encode_conversation(tokenizer, messages, loss, [len(messages) - 1])
+
+
+def encode_conversation(tokenizer: Any, messages: list[dict], loss: str,
+                        targets: list[int]) -> tuple[list[int], list[int]]:
+    """(input ids, loss mask) of a chat conversation with the loss on the assistant messages at `targets`."""
     if loss not in LOSSES:
         raise SpaError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
-    prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False,
-                                              add_generation_prompt=False)
-    content = row["completion"][-1]["content"]
-    if not full_text.startswith(prompt_text):
-        raise SpaError("this chat template does not render a conversation as prompt + reply; SFT needs it to")
-    start = len(prompt_text)
-    at = full_text.find(content, start)
-    if at < 0:
-        raise SpaError("the chat template changed the assistant text; SFT needs it verbatim")
-    end = at + len(content)
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    stop_ids = {tokenizer.eos_token_id}
-    hidden = [(m.start(2) + at, m.end(2) + at) for m in _HIDDEN.finditer(content)] if loss == "masked" else []
     mask = [0] * len(ids)
-    stopped = False
-    for i, (a, b) in enumerate(offsets):
-        if a < start or stopped:
-            continue
-        if a >= end:  # after the content: the end-of-turn token(s) up to and including the stop token
+    stop_ids = {tokenizer.eos_token_id}
+    for k in targets:
+        prompt_text = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        content = messages[k]["content"]
+        if not full_text.startswith(prompt_text):
+            raise SpaError("this chat template does not render a conversation as prompt + reply; SFT needs it to")
+        start = len(prompt_text)
+        at = full_text.find(content, start)
+        if at < 0:
+            raise SpaError("the chat template changed the assistant text; SFT needs it verbatim")
+        end = at + len(content)
+        hidden = [(m.start(2) + at, m.end(2) + at) for m in _HIDDEN.finditer(content)] if loss == "masked" else []
+        for i, (a, b) in enumerate(offsets):
+            if a < start:
+                continue
+            if a >= end:  # after the content: the end-of-turn token(s) up to and including the stop token
+                mask[i] = 1
+                if ids[i] in stop_ids:
+                    break
+                continue
+            if any(a < h_end and b > h_start for h_start, h_end in hidden):
+                continue
             mask[i] = 1
-            stopped = ids[i] in stop_ids
-            continue
-        if any(a < h_end and b > h_start for h_start, h_end in hidden):
-            continue
-        mask[i] = 1
     return ids, mask
+
+
+def pack_trajectories(rows: list[dict]) -> list[tuple[list[dict], list[int]]]:
+    """(messages, assistant indices with loss) per training sequence: the rows of one trajectory become one
+    sequence, the longest row's conversation with the loss on every turn that has a row of its own.
+
+    A turn's row is its conversation so far (earlier turns rewritten) plus its reply, so it is a prefix of the
+    trajectory's last row: one forward pass over the last row gives every turn's loss with the same context as
+    its own row, at a fraction of the tokens. Rows that are not such a prefix (other datasets) stay separate.
+    """
+    groups: dict[str, list[dict]] = {}
+    loose: list[tuple[list[dict], list[int]]] = []
+    for row in rows:
+        key = row.get("meta", {}).get("trajectory")
+        if key is None:
+            loose.append((row["prompt"] + row["completion"], [len(row["prompt"]) + len(row["completion"]) - 1]))
+        else:
+            groups.setdefault(key, []).append(row)
+    packed = []
+    for members in groups.values():
+        longest = max(members, key=lambda r: len(r["prompt"]) + len(r["completion"]))
+        messages = longest["prompt"] + longest["completion"]
+        targets = set()
+        for row in members:
+            conv = row["prompt"] + row["completion"]
+            if conv == messages[:len(conv)]:
+                targets.add(len(conv) - 1)
+            else:
+                loose.append((conv, [len(conv) - 1]))
+        packed.append((messages, sorted(targets)))
+    return packed + loose
 
 
 def _batches(samples: list[tuple[list[int], list[int]]], order: list[int], size: int) -> list[list[int]]:
@@ -270,11 +311,14 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
     model.train()
 
     def encode(rows: list[dict]) -> tuple[list[tuple[list[int], list[int]]], int]:
+        """(sequences, rows dropped as too long)"""
         kept, dropped = [], 0
-        for row in rows:
-            ids, mask = encode_sample(tokenizer, row, config.loss)
+        units = pack_trajectories(rows) if config.pack else [
+            (r["prompt"] + r["completion"], [len(r["prompt"]) + len(r["completion"]) - 1]) for r in rows]
+        for messages, targets in units:
+            ids, mask = encode_conversation(tokenizer, messages, config.loss, targets)
             if len(ids) > config.max_length or not any(mask):
-                dropped += 1
+                dropped += len(targets)
                 continue
             kept.append((ids, mask))
         return kept, dropped
@@ -333,7 +377,8 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
                        tmp / "trainer_state.pt")
         _save_dir_atomically(ckpt, write)
 
-    logger.log(step, {"data/train_samples": len(train), "data/val_samples": len(val),
+    logger.log(step, {"data/train_samples": len(train_rows) - dropped_train, "data/train_sequences": len(train),
+                      "data/val_samples": len(val_rows) - dropped_val,
                       "data/dropped_too_long": dropped_train + dropped_val})
     history = []
     with progress_bar(transient=quiet) as bar:
@@ -372,7 +417,8 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
             if config.save_epochs:
                 checkpoint()
     unwrapped = accelerator.unwrap_model(model)
-    final = {"steps": step, "epochs": config.epochs, "train_samples": len(train), "val_samples": len(val),
+    final = {"steps": step, "epochs": config.epochs, "train_samples": len(train_rows) - dropped_train,
+             "train_sequences": len(train), "val_samples": len(val_rows) - dropped_val,
              "dropped_too_long": dropped_train + dropped_val, "val_loss": evaluate_val(), "loss": config.loss,
              "lora": config.lora}
     meta["result"] = final
