@@ -3,15 +3,15 @@
 # from this script. Stages are resumable (each spa command skips finished work), so rerun after an interruption.
 #   bash scripts/world_model.sh cold        # cold start: random self-play data, SFT, eval, novelty
 #   bash scripts/world_model.sh compare     # novelty-guided vs random self-play from the cold-started model, 3 seeds
-#   bash scripts/world_model.sh rounds      # two self-play rounds with the cold-started model as behaviour policy
+#   bash scripts/world_model.sh rounds      # two rounds of (random self-play, SFT) from the cold-started model
 set -euo pipefail
 OUT=${OUT:-runs/wm}
 ENV_NAME=${ENV_NAME:-sokoban}
 COLD=$OUT/cold/sft/model
 
 cold() {
-  spa collect --env "$ENV_NAME" --policy random --puzzles 32 --samples 2 --first-seed 0 --out "$OUT/cold/data"
-  [ -f "$COLD/config.json" ] || spa sft --data "$OUT/cold/data" --out "$OUT/cold/sft" --epochs 2 --batch-size 8 --env "$ENV_NAME"
+  spa collect --env "$ENV_NAME" --policy random --puzzles 48 --samples 4 --first-seed 0 --out "$OUT/cold/data"
+  [ -f "$COLD/config.json" ] || spa sft --data "$OUT/cold/data" --out "$OUT/cold/sft" --epochs 2 --batch-size 4 --env "$ENV_NAME"
   [ -f "$OUT/cold/eval/metrics.json" ] || spa eval --model "$COLD" --env "$ENV_NAME" --puzzles 32 --samples 4 \
     --out "$OUT/cold/eval"
   [ -f "$OUT/cold/novelty.json" ] || spa novelty --model "$COLD" --env "$ENV_NAME" --puzzles 32 \
@@ -23,10 +23,12 @@ compare() {
     first=$((1000 * seed))
     for policy in random novelty; do
       dir=$OUT/compare/$policy-seed$seed
-      spa collect --env "$ENV_NAME" --policy "$policy" --novelty-actor random --model "$COLD" --puzzles 16 \
-        --samples 4 --first-seed "$first" --seed "$seed" --out "$dir/data"
+      extra=()
+      [ "$policy" = novelty ] && extra=(--novelty-actor random --model "$COLD")
+      spa collect --env "$ENV_NAME" --policy "$policy" "${extra[@]}" --puzzles 16 --samples 4 \
+        --first-seed "$first" --seed "$seed" --out "$dir/data"
       [ -f "$dir/sft/model/config.json" ] || spa sft --data "$dir/data" --out "$dir/sft" --model "$COLD" \
-        --epochs 1 --batch-size 8 --max-samples 96 --seed "$seed" --env "$ENV_NAME"
+        --epochs 1 --batch-size 4 --max-samples 96 --seed "$seed" --env "$ENV_NAME"
       [ -f "$dir/eval/metrics.json" ] || spa eval --model "$dir/sft/model" --env "$ENV_NAME" --puzzles 32 \
         --samples 2 --seed "$seed" --out "$dir/eval"
     done
@@ -34,7 +36,7 @@ compare() {
 }
 
 rounds() {
-  spa selfplay --env "$ENV_NAME" --model "$COLD" --rounds 2 --puzzles 8 --samples 4 --epochs 1 \
+  spa selfplay --env "$ENV_NAME" --model "$COLD" --policy random --rounds 2 --puzzles 16 --samples 4 --epochs 1 \
     --out "$OUT/rounds"
 }
 
