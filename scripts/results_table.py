@@ -40,7 +40,10 @@ def main(root: str, world_model: bool = False) -> None:
     columns = WORLD_MODEL if world_model else COLUMNS
     rows = []
     for path in sorted(Path(root).rglob("metrics.json")):
-        m = _with_world_model(path, json.loads(path.read_text()))
+        m = json.loads(path.read_text())
+        if "config" not in m:  # not a `spa eval` result
+            continue
+        m = _with_world_model(path, m)
         c = m["config"]
         who = c.get("model") or c["policy"]
         rows.append((who, c["env"], c["render"], m))

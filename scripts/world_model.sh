@@ -25,18 +25,18 @@ compare() {
       dir=$OUT/compare/$policy-seed$seed
       extra=()
       [ "$policy" = novelty ] && extra=(--novelty-actor random --model "$COLD")
-      spa collect --env "$ENV_NAME" --policy "$policy" "${extra[@]}" --puzzles 16 --samples 4 \
+      spa collect --env "$ENV_NAME" --policy "$policy" ${extra[@]+"${extra[@]}"} --puzzles 16 --samples 4 \
         --first-seed "$first" --seed "$seed" --out "$dir/data"
       [ -f "$dir/sft/model/config.json" ] || spa sft --data "$dir/data" --out "$dir/sft" --model "$COLD" \
         --epochs 1 --batch-size 4 --max-samples 96 --seed "$seed" --env "$ENV_NAME"
       [ -f "$dir/eval/metrics.json" ] || spa eval --model "$dir/sft/model" --env "$ENV_NAME" --puzzles 32 \
-        --samples 2 --seed "$seed" --out "$dir/eval"
+        --samples 1 --seed "$seed" --out "$dir/eval"
     done
   done
 }
 
 rounds() {
-  spa selfplay --env "$ENV_NAME" --model "$COLD" --policy random --rounds 2 --puzzles 16 --samples 4 --epochs 1 \
+  spa selfplay --env "$ENV_NAME" --model "$COLD" --policy random --rounds 2 --puzzles 8 --samples 4 --epochs 1 \
     --out "$OUT/rounds"
 }
 

@@ -54,6 +54,7 @@ def test_world_model_metrics_by_hand():
     assert m["prediction_exact_changed"] == 0.5 and m["prediction_cell_acc_changed"] == 0.75
     assert m["copy_exact_baseline"] == pytest.approx(1 / 3) and m["copy_cell_acc_baseline"] == pytest.approx(2 / 3)
     assert world_model_metrics([])["prediction_exact"] == 0.0
+    assert world_model_metrics([("a", "a", "a", "a")])["prediction_exact_changed"] is None
 
 
 def test_validation_seeds_are_disjoint_from_training():

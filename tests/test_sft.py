@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -16,6 +17,7 @@ from spa_rl.selfplay import collect
 from spa_rl.sft import (
     SFTConfig,
     _collate,
+    _epoch_batches,
     encode_conversation,
     encode_sample,
     load_dataset,
@@ -167,6 +169,44 @@ def test_packed_trajectories_give_the_same_loss_terms_as_one_row_per_turn(tokeni
             a = sum(float(token_nll_sum(model, _collate(per_row, [i], 0))[0]) for i in range(len(per_row)))
             b = sum(float(token_nll_sum(model, _collate(per_traj, [i], 0))[0]) for i in range(len(per_traj)))
         assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_mask_never_leaves_the_assistant_turn_when_eos_is_not_the_end_of_turn(tokenizer):
+    """A template whose end-of-turn token is not the EOS (as Gemma's): the mask still stops at the turn's end."""
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = "<|endoftext|>"
+    messages = ROW["prompt"] + ROW["completion"] + [{"role": "user", "content": "Turn 2:\nState:\n__\n√_"},
+                                                    {"role": "assistant", "content": CONTENT}]
+    ids, mask = encode_conversation(tok, messages, "full", [2])
+    text = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert "Turn 2" not in text and text.count("<answer>") == 1 and text.rstrip().endswith("<|im_end|>")
+
+
+def test_batches_count_turns():
+    """Global batches hold `batch_size` turns: exactly, one sequence per turn; at least, packed."""
+    per_turn = _epoch_batches([1] * 10, 4, seed=0)
+    assert [len(b) for b in per_turn] == [4, 4, 2] and sorted(i for b in per_turn for i in b) == list(range(10))
+    turns = [3, 1, 4, 2, 2, 5, 1]
+    packed = _epoch_batches(turns, 4, seed=1)
+    assert sorted(i for b in packed for i in b) == list(range(7))
+    assert all(4 <= sum(turns[i] for i in b) < 4 + 5 for b in packed[:-1])
+
+
+def test_overlong_packed_trajectory_falls_back_to_its_turns(tokenizer, tmp_path):
+    """Packing keeps exactly the turns one sequence per turn would keep when some exceed max_length."""
+    collect("sokoban", str(tmp_path / "d"), policy="random", puzzles=3, samples=2, val_fraction=0.0, quiet=True)
+    rows = load_dataset(str(tmp_path / "d"))[0]
+    lengths = [len(encode_sample(tokenizer, r, "full")[0]) for r in rows]
+    limit = max(lengths) - 1  # the longest trajectory's last turn no longer fits, its earlier turns do
+    model_dir = tmp_path / "m"
+    build_tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    result = train_sft(SFTConfig(data=str(tmp_path / "d"), out=str(tmp_path / "o"), model=str(model_dir), epochs=1,
+                                 max_length=limit, tensorboard=False, dtype="fp32"), quiet=True)
+    too_long = sum(n > limit for n in lengths)
+    assert too_long >= 1 and result["dropped_too_long"] == too_long
+    assert result["train_samples"] == len(rows) - too_long, "the same rows as one sequence per turn would keep"
+    assert result["train_sequences"] > len(pack_trajectories(rows))
 
 
 def test_max_samples_trains_on_a_fixed_subset(small_dataset, tiny64, tmp_path):

@@ -99,7 +99,7 @@ def compute_metrics(episodes: Sequence[Episode], samples: int) -> dict:
 def world_model_metrics(turns: Sequence[tuple[str | None, str | None, str, str]]) -> dict:
     """World-model accuracy of (observation written, prediction written, true state before, true state after)
     per turn: exact match and cell accuracy of both tags; the same for predictions on the turns whose actions
-    changed the state (`prediction_*_changed`); and `copy_*_baseline`, what the trivial prediction "nothing changes"
+    changed the state (`prediction_*_changed`, None without such turns); and `copy_*_baseline`, what the trivial prediction "nothing changes"
     (the state before) would score on the same turns, the floor a prediction must beat to show a world model."""
     def exact(pairs: list) -> float:
         return float(np.mean([normalize_state(g) == normalize_state(s) for g, s in pairs])) if pairs else 0.0
@@ -115,8 +115,9 @@ def world_model_metrics(turns: Sequence[tuple[str | None, str | None, str, str]]
     for name, pairs in groups.items():
         key = name.split("_")[0]
         rest = name[len(key):]
-        out[f"{key}_exact{rest}"] = exact(pairs)
-        out[f"{key}_cell_acc{rest}"] = cells(pairs)
+        none = name == "prediction_changed" and not pairs  # no turn changed the state: nothing to measure
+        out[f"{key}_exact{rest}"] = None if none else exact(pairs)
+        out[f"{key}_cell_acc{rest}"] = None if none else cells(pairs)
     out["changed_turns"] = len(changed)
     return out
 

@@ -17,7 +17,6 @@ rerun resumes from. It must never train on a token outside the assistant turn.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -58,9 +57,10 @@ class SFTConfig:
     warmup_ratio: float = 0.1
     """Share of optimizer steps spent warming the learning rate up, then cosine decay to 0."""
     batch_size: int = 16
-    """Global batch (samples per optimizer step)."""
+    """Global batch: turns (dataset rows) per optimizer step; with packing, whole trajectories are added until
+    the batch holds at least this many turns."""
     micro_batch_size: int = 4
-    """Samples per forward/backward pass (gradient accumulation makes up the global batch)."""
+    """Sequences per forward/backward pass (gradient accumulation makes up the global batch)."""
     max_length: int = 2048
     """Samples longer than this (in tokens) are dropped and counted."""
     max_train_samples: int = 0
@@ -68,7 +68,8 @@ class SFTConfig:
     at an equal number of transitions."""
     pack: bool = True
     """Train on each trajectory as one sequence with the loss on all its turns (same loss terms and contexts as
-    one sequence per turn, ~3x fewer tokens for multi-turn data); `batch_size` then counts trajectories."""
+    one sequence per turn, ~3x fewer tokens for multi-turn data). A packed trajectory longer than `max_length`
+    falls back to one sequence per turn."""
     lora: bool = False
     """Train a LoRA adapter instead of all weights."""
     lora_r: int = 16
@@ -134,14 +135,17 @@ def encode_conversation(tokenizer: Any, messages: list[dict], loss: str,
     enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     mask = [0] * len(ids)
-    stop_ids = {tokenizer.eos_token_id}
+    from spa_rl.generation import stop_token_ids
+
+    stop_ids = set(stop_token_ids(None, tokenizer))
     for k in targets:
         prompt_text = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        turn_text = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False, add_generation_prompt=False)
         content = messages[k]["content"]
-        if not full_text.startswith(prompt_text):
+        if not (full_text.startswith(prompt_text) and full_text.startswith(turn_text)):
             raise SpaError("this chat template does not render a conversation as prompt + reply; SFT needs it to")
-        start = len(prompt_text)
-        at = full_text.find(content, start)
+        start, turn_end = len(prompt_text), len(turn_text)
+        at = full_text.find(content, start, turn_end)
         if at < 0:
             raise SpaError("the chat template changed the assistant text; SFT needs it verbatim")
         end = at + len(content)
@@ -149,6 +153,8 @@ def encode_conversation(tokenizer: Any, messages: list[dict], loss: str,
         for i, (a, b) in enumerate(offsets):
             if a < start:
                 continue
+            if a >= turn_end:  # never past this turn, even if the template's end-of-turn is not a stop token
+                break
             if a >= end:  # after the content: the end-of-turn token(s) up to and including the stop token
                 mask[i] = 1
                 if ids[i] in stop_ids:
@@ -189,6 +195,23 @@ def pack_trajectories(rows: list[dict]) -> list[tuple[list[dict], list[int]]]:
                 loose.append((conv, [len(conv) - 1]))
         packed.append((messages, sorted(targets)))
     return packed + loose
+
+
+def _epoch_batches(turns: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """One epoch's global batches: sequences in a seeded random order, grouped until each batch holds at least
+    `batch_size` turns with loss (one sequence per turn: exactly `batch_size` sequences; packed trajectories:
+    whole trajectories, so about `batch_size` turns)."""
+    order = list(range(len(turns)))
+    np.random.default_rng(seed).shuffle(order)
+    batches: list[list[int]] = [[]]
+    count = 0
+    for i in order:
+        if count >= batch_size:
+            batches.append([])
+            count = 0
+        batches[-1].append(i)
+        count += turns[i]
+    return batches
 
 
 def _batches(samples: list[tuple[list[int], list[int]]], order: list[int], size: int) -> list[list[int]]:
@@ -310,30 +333,35 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
             p.requires_grad = "lora_" in name
     model.train()
 
-    def encode(rows: list[dict]) -> tuple[list[tuple[list[int], list[int]]], int]:
-        """(sequences, rows dropped as too long)"""
-        kept, dropped = [], 0
+    def encode(rows: list[dict]) -> tuple[list[tuple[list[int], list[int]]], list[int], int]:
+        """(sequences, turns with loss in each, rows dropped as too long)"""
+        kept, turns, dropped = [], [], 0
         units = pack_trajectories(rows) if config.pack else [
             (r["prompt"] + r["completion"], [len(r["prompt"]) + len(r["completion"]) - 1]) for r in rows]
-        for messages, targets in units:
+        while units:
+            messages, targets = units.pop(0)
             ids, mask = encode_conversation(tokenizer, messages, config.loss, targets)
+            if len(ids) > config.max_length and len(targets) > 1:  # too long packed: its turns one by one
+                units[:0] = [(messages[:k + 1], [k]) for k in targets]
+                continue
             if len(ids) > config.max_length or not any(mask):
                 dropped += len(targets)
                 continue
             kept.append((ids, mask))
-        return kept, dropped
+            turns.append(len(targets))
+        return kept, turns, dropped
 
     if config.max_train_samples < 0:
         raise SpaError(f"max_train_samples must be >= 0, got {config.max_train_samples}")
     if config.max_train_samples and len(train_rows) > config.max_train_samples:
         keep = sorted(random.Random(config.seed).sample(range(len(train_rows)), config.max_train_samples))
         train_rows = [train_rows[i] for i in keep]
-    train, dropped_train = encode(train_rows)
-    val, dropped_val = encode(val_rows)
+    train, train_turns, dropped_train = encode(train_rows)
+    val, _, dropped_val = encode(val_rows)
     if not train:
         raise SpaError(f"every training sample is longer than max_length={config.max_length}: raise it")
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    plans = [_epoch_batches(train_turns, config.batch_size, config.seed + e) for e in range(config.epochs)]
+    total_steps = sum(len(p) for p in plans)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
@@ -384,11 +412,9 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
     with progress_bar(transient=quiet) as bar:
         task = bar.add_task(f"SFT ({config.loss})", total=total_steps, completed=step, unit="steps")
         while step < total_steps:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            order = list(range(len(train)))
-            np.random.default_rng(config.seed + epoch).shuffle(order)
-            groups = _batches(train, order, config.batch_size)
-            for idx in groups[in_epoch:]:
+            epoch = next(e for e in range(config.epochs) if step < sum(len(p) for p in plans[:e + 1]))
+            in_epoch = step - sum(len(p) for p in plans[:epoch])
+            for idx in plans[epoch][in_epoch:]:
                 # micro-batches of similar length waste less compute on padding; the step's gradient is the same
                 micro = _batches(train, sorted(idx, key=lambda i: len(train[i][0])), config.micro_batch_size)
                 n_tokens = sum(sum(train[i][1][1:]) for i in idx)
@@ -406,7 +432,8 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
                 step += 1
                 logger.log(step, {"loss/train": total_nll / max(n_tokens, 1), "train/grad_norm": grad_norm,
                                   "train/lr": scheduler.get_last_lr()[0], "train/tokens": n_tokens,
-                                  "train/epoch": step / steps_per_epoch})
+                                  "train/epoch": epoch + (in_epoch + 1) / len(plans[epoch])})
+                in_epoch += 1
                 bar.advance(task)
                 if config.save_every and step % config.save_every == 0:
                     checkpoint()
