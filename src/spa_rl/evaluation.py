@@ -99,8 +99,9 @@ def compute_metrics(episodes: Sequence[Episode], samples: int) -> dict:
 def world_model_metrics(turns: Sequence[tuple[str | None, str | None, str, str]]) -> dict:
     """World-model accuracy of (observation written, prediction written, true state before, true state after)
     per turn: exact match and cell accuracy of both tags; the same for predictions on the turns whose actions
-    changed the state (`prediction_*_changed`, None without such turns); and `copy_*_baseline`, what the trivial prediction "nothing changes"
-    (the state before) would score on the same turns, the floor a prediction must beat to show a world model."""
+    changed the state (`prediction_*_changed`, None without such turns); and `copy_*_baseline`, what the
+    trivial prediction "nothing changes" (the state before) would score on the same turns: the floor a
+    prediction must beat to show a world model."""
     def exact(pairs: list) -> float:
         return float(np.mean([normalize_state(g) == normalize_state(s) for g, s in pairs])) if pairs else 0.0
 
