@@ -138,6 +138,13 @@ def test_interrupted_sft_resumes_to_the_same_model(small_dataset, tiny64, tmp_pa
     a = load_file(tmp_path / "a" / "model" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    from spa_rl.runlog import read_metrics
+
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/train" in r]
+    assert steps == list(range(1, 13)), "the resumed run's log is one history, without the lost steps twice"
+    train_sft(config(tmp_path / "a"), quiet=True)  # rerun of a finished run
+    steps = [r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss/train" in r]
+    assert steps == list(range(1, 13)), "a rerun never duplicates the history"
 
 
 def test_lora_sft_gives_an_adapter_that_eval_loads(small_dataset, tiny64, tmp_path):

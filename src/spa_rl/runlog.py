@@ -1,8 +1,9 @@
 """Run metrics: JSONL always, TensorBoard by default, Weights & Biases when asked.
 
 `RunLogger.log(step, {"loss/train": 1.2, ...})` appends one JSON line per call to `metrics.jsonl` (flushed, so
-an interrupted run keeps what it logged) and mirrors scalars to the other sinks. This module must never
-decide what is logged.
+an interrupted run keeps what it logged) and mirrors scalars to the other sinks. A run that starts fresh
+(`resume_step=0`) replaces an old `metrics.jsonl`; a resumed run keeps the rows up to its checkpoint's step and
+drops the rest, so plots show one history. This module must never decide what is logged.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from typing import Any
 
 class RunLogger:
     def __init__(self, out_dir: str | Path, tensorboard: bool = True, wandb_project: str | None = None,
-                 config: dict | None = None) -> None:
+                 config: dict | None = None, resume_step: int = 0) -> None:
+        from spa_rl.io import atomic_write_jsonl
+
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        path = self.dir / "metrics.jsonl"
+        old = read_metrics(path) if resume_step and path.is_file() else []
+        atomic_write_jsonl(path, [r for r in old if r.get("step", 0) <= resume_step])
+        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
         self._tb = None
         self._wandb = None
         if tensorboard:

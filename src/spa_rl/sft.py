@@ -374,7 +374,7 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
         step = state["step"]
         random.setstate(state["python_rng"])
         torch.set_rng_state(state["torch_rng"])
-    logger = RunLogger(out, tensorboard=config.tensorboard, wandb_project=config.wandb_project,
+    logger = RunLogger(out, tensorboard=config.tensorboard, wandb_project=config.wandb_project, resume_step=step,
                        config=asdict(config))
     meta = {"stage": "world-model-sft", "config": asdict(config), "dataset": manifest,
             "base_model": config.model}
