@@ -11,8 +11,9 @@ COLD=$OUT/cold/sft/model
 
 cold() {
   spa collect --env "$ENV_NAME" --policy random --puzzles 48 --samples 4 --first-seed 0 --out "$OUT/cold/data"
-  [ -f "$COLD/config.json" ] || spa sft --data "$OUT/cold/data" --out "$OUT/cold/sft" --epochs 2 --batch-size 4 --env "$ENV_NAME"
-  [ -f "$OUT/cold/eval/metrics.json" ] || spa eval --model "$COLD" --env "$ENV_NAME" --puzzles 32 --samples 4 \
+  [ -f "$COLD/config.json" ] || spa sft --data "$OUT/cold/data" --out "$OUT/cold/sft" --epochs 2 --micro-batch-size 1 \
+    --env "$ENV_NAME"
+  [ -f "$OUT/cold/eval/metrics.json" ] || spa eval --model "$COLD" --env "$ENV_NAME" --puzzles 32 --samples 2 \
     --out "$OUT/cold/eval"
   [ -f "$OUT/cold/novelty.json" ] || spa novelty --model "$COLD" --env "$ENV_NAME" --puzzles 32 \
     --out "$OUT/cold/novelty.json"
@@ -28,7 +29,7 @@ compare() {
       spa collect --env "$ENV_NAME" --policy "$policy" ${extra[@]+"${extra[@]}"} --puzzles 16 --samples 4 \
         --first-seed "$first" --seed "$seed" --out "$dir/data"
       [ -f "$dir/sft/model/config.json" ] || spa sft --data "$dir/data" --out "$dir/sft" --model "$COLD" \
-        --epochs 1 --batch-size 4 --max-samples 96 --seed "$seed" --env "$ENV_NAME"
+        --epochs 1 --batch-size 4 --micro-batch-size 1 --max-samples 96 --seed "$seed" --env "$ENV_NAME"
       [ -f "$dir/eval/metrics.json" ] || spa eval --model "$dir/sft/model" --env "$ENV_NAME" --puzzles 32 \
         --samples 1 --seed "$seed" --out "$dir/eval"
     done
