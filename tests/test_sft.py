@@ -16,6 +16,7 @@ from spa_rl.errors import SpaError
 from spa_rl.selfplay import collect
 from spa_rl.sft import (
     SFTConfig,
+    _batches,
     _collate,
     _epoch_batches,
     encode_conversation,
@@ -197,6 +198,13 @@ def test_batches_count_turns():
     packed = _epoch_batches(turns, 4, seed=1)
     assert sorted(i for b in packed for i in b) == list(range(7))
     assert all(4 <= sum(turns[i] for i in b) < 4 + 5 for b in packed[:-1])
+
+
+def test_micro_batches_respect_the_token_budget():
+    seqs = [([0] * n, [1] * n) for n in (100, 200, 300, 900, 2000)]
+    micro = _batches(seqs, [0, 1, 2, 3, 4], size=4, max_tokens=1000)
+    assert micro == [[0, 1, 2], [3], [4]], "3 x 300 fits 1000; 900 alone; 2000 alone even over the budget"
+    assert _batches(seqs, [0, 1, 2, 3, 4], size=2) == [[0, 1], [2, 3], [4]]
 
 
 def test_overlong_packed_trajectory_falls_back_to_its_turns(tokenizer, tmp_path):

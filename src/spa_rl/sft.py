@@ -60,7 +60,10 @@ class SFTConfig:
     """Global batch: turns (dataset rows) per optimizer step; with packing, whole trajectories are added until
     the batch holds at least this many turns."""
     micro_batch_size: int = 4
-    """Sequences per forward/backward pass (gradient accumulation makes up the global batch)."""
+    """At most this many sequences per forward/backward pass (gradient accumulation makes up the global batch)."""
+    micro_batch_tokens: int = 4096
+    """At most this many tokens (padding included) per pass, which bounds activation memory: packed trajectories
+    are long, and four 2,000-token sequences in one pass took 20 GB here."""
     max_length: int = 2048
     """Samples longer than this (in tokens) are dropped and counted."""
     max_train_samples: int = 0
@@ -214,8 +217,18 @@ def _epoch_batches(turns: list[int], batch_size: int, seed: int) -> list[list[in
     return batches
 
 
-def _batches(samples: list[tuple[list[int], list[int]]], order: list[int], size: int) -> list[list[int]]:
-    return [order[i:i + size] for i in range(0, len(order), size)]
+def _batches(samples: list[tuple[list[int], list[int]]], order: list[int], size: int,
+             max_tokens: int = 0) -> list[list[int]]:
+    """`order` cut into runs of at most `size` sequences and (if set) `max_tokens` padded tokens (a longer
+    sequence goes alone)."""
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < size and (
+                not max_tokens or (len(out[-1]) + 1) * max(len(samples[j][0]) for j in [*out[-1], i]) <= max_tokens):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def _collate(samples: list[tuple[list[int], list[int]]], idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -302,8 +315,8 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
 
     if config.loss not in LOSSES:
         raise SpaError(f"unknown loss {config.loss!r}: use one of {', '.join(LOSSES)}")
-    if config.batch_size % config.micro_batch_size:
-        raise SpaError("batch_size must be a multiple of micro_batch_size")
+    if config.micro_batch_size < 1 or config.micro_batch_tokens < 0:
+        raise SpaError("micro_batch_size must be >= 1 and micro_batch_tokens >= 0")
     train_rows, val_rows, manifest = load_dataset(config.data, config.env)
     out = writable_dir(config.out)
     ckpt = out / "checkpoint"
@@ -386,7 +399,8 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
         model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
-            for idx in _batches(val, sorted(range(len(val)), key=lambda i: len(val[i][0])), config.micro_batch_size):
+            for idx in _batches(val, sorted(range(len(val)), key=lambda i: len(val[i][0])), config.micro_batch_size,
+                                config.micro_batch_tokens):
                 batch = {k: v.to(accelerator.device) for k, v in _collate(val, idx, pad_id).items()}
                 with accelerator.autocast():
                     nll, n = token_nll_sum(model, batch)
@@ -416,7 +430,8 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
             in_epoch = step - sum(len(p) for p in plans[:epoch])
             for idx in plans[epoch][in_epoch:]:
                 # micro-batches of similar length waste less compute on padding; the step's gradient is the same
-                micro = _batches(train, sorted(idx, key=lambda i: len(train[i][0])), config.micro_batch_size)
+                micro = _batches(train, sorted(idx, key=lambda i: len(train[i][0])), config.micro_batch_size,
+                                 config.micro_batch_tokens)
                 n_tokens = sum(sum(train[i][1][1:]) for i in idx)
                 total_nll = 0.0
                 for m in micro:
