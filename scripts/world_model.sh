@@ -38,7 +38,7 @@ compare() {
 
 rounds() {
   spa selfplay --env "$ENV_NAME" --model "$COLD" --policy random --rounds 2 --puzzles 8 --samples 4 --epochs 1 \
-    --out "$OUT/rounds"
+    --first-seed 10000 --out "$OUT/rounds"
 }
 
 for stage in "${@:-cold}"; do "$stage"; done

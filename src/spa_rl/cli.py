@@ -252,7 +252,7 @@ def cmd_selfplay(args: argparse.Namespace) -> int:
     sft = {"epochs": args.epochs, "lora": args.lora}
     history = selfplay_rounds(args.env, args.out, rounds=args.rounds, model=args.model, policy=args.policy,
                               puzzles=args.puzzles, samples=args.samples, render=args.render,
-                              heldout_puzzles=args.heldout_puzzles, sft_overrides=sft,
+                              heldout_puzzles=args.heldout_puzzles, sft_overrides=sft, first_seed=args.first_seed,
                               collect_overrides={"max_new_tokens": args.max_new_tokens})
     table = Table(title=f"self-play rounds on {args.env}: novelty of held-out states")
     for col in ("round", "model", "mean N(s)", "perplexity"):
@@ -399,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--policy", choices=("model", "novelty", "random", "solver"), default="model",
                     help="behaviour policy of every round (default model)")
     sp.add_argument("--puzzles", type=_positive_int, default=32, help="training puzzles per round (default 32)")
+    sp.add_argument("--first-seed", type=int, default=0,
+                    help="first training puzzle seed of round 1; later rounds continue after it (default 0)")
     sp.add_argument("--samples", type=_positive_int, default=4, help="episodes per puzzle (default 4)")
     sp.add_argument("--render", choices=RENDERS, default="grid+coords", help="default grid+coords")
     sp.add_argument("--epochs", type=_positive_int, default=5, help="SFT epochs per round (default 5)")

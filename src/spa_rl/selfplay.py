@@ -301,11 +301,11 @@ def _score_new_states(lm, env_name: str, render: str, fmt: str, variant, episode
 def selfplay_rounds(env: str, out: str, rounds: int = 2, model: str | None = None, policy: str = "model",
                     puzzles: int = 32, samples: int = 4, render: str = "grid+coords", heldout_puzzles: int = 16,
                     sft_overrides: dict | None = None, collect_overrides: dict | None = None,
-                    quiet: bool = False) -> list[dict]:
+                    first_seed: int = 0, quiet: bool = False) -> list[dict]:
     """Alternate self-play collection and world-model SFT for `rounds` rounds, each round starting from the
-    previous round's model, on fresh training puzzles. Before the first round and after every round, the mean
-    novelty of held-out (validation-puzzle) states under the current model is logged to `out/rounds.jsonl`.
-    Finished rounds are skipped when the command is run again."""
+    previous round's model, on fresh training puzzles (round r: seeds from first_seed + (r-1) * puzzles).
+    Before the first round and after every round, the mean novelty of held-out (validation-puzzle) states under
+    the current model is logged to `out/rounds.jsonl`. Finished rounds are skipped when the command is rerun."""
     from spa_rl.envs import get_variant
     from spa_rl.io import writable_dir
     from spa_rl.models import DEFAULT_MODEL, load_model
@@ -337,7 +337,7 @@ def selfplay_rounds(env: str, out: str, rounds: int = 2, model: str | None = Non
         if r not in done:
             data = root / f"round-{r}" / "data"
             collect(env, str(data), policy=policy, model=current, puzzles=puzzles, samples=samples, render=render,
-                    first_seed=(r - 1) * puzzles, round_=r, quiet=quiet, **(collect_overrides or {}))
+                    first_seed=first_seed + (r - 1) * puzzles, round_=r, quiet=quiet, **(collect_overrides or {}))
             train_sft(SFTConfig(data=str(data), out=str(root / f"round-{r}" / "sft"), model=current, env=env,
                                 **(sft_overrides or {})), quiet=quiet)
             done[r] = {"round": r, "model": str(model_dir), "heldout": heldout_novelty(str(model_dir))}
