@@ -38,15 +38,14 @@ def main() -> None:
 
     from spa_rl.models import load_tokenizer, resolve_model_path
     from spa_rl.selfplay import collect
-    from spa_rl.sft import encode_conversation, load_dataset, pack_trajectories
+    from spa_rl.sft import encode_conversation, encode_sample, load_dataset, pack_trajectories
 
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m"))
     with tempfile.TemporaryDirectory() as d:
         collect("sokoban", d, policy="random", puzzles=args.puzzles, samples=args.samples, val_fraction=0.0,
                 quiet=True)
         rows, _, _ = load_dataset(d)
-    per_turn = [len(encode_conversation(tokenizer, r["prompt"] + r["completion"], "full",
-                                        [len(r["prompt"]) + len(r["completion"]) - 1])[0]) for r in rows]
+    per_turn = [len(encode_sample(tokenizer, r, "full")[0]) for r in rows]
     packed = [len(encode_conversation(tokenizer, m, "full", t)[0]) for m, t in pack_trajectories(rows)]
     print(f"{len(rows)} turns in {len(packed)} trajectories (Sokoban, random policy, {args.puzzles} puzzles x "
           f"{args.samples}); micro-batch {args.micro_batch}")

@@ -109,16 +109,18 @@ def world_model_metrics(turns: Sequence[tuple[str | None, str | None, str, str]]
         return float(np.mean([cell_accuracy(g, s) for g, s in pairs])) if pairs else 0.0
 
     changed = [t for t in turns if normalize_state(t[2]) != normalize_state(t[3])]
-    groups = {"observation": [(o, b) for o, _, b, _ in turns], "prediction": [(p, a) for _, p, _, a in turns],
-              "prediction_changed": [(p, a) for _, p, _, a in changed],
-              "copy_baseline": [(b, a) for _, _, b, a in turns]}
-    out: dict = {}
-    for name, pairs in groups.items():
-        key = name.split("_")[0]
-        rest = name[len(key):]
-        none = name == "prediction_changed" and not pairs  # no turn changed the state: nothing to measure
-        out[f"{key}_exact{rest}"] = None if none else exact(pairs)
-        out[f"{key}_cell_acc{rest}"] = None if none else cells(pairs)
+    observation = [(o, b) for o, _, b, _ in turns]
+    prediction = [(p, a) for _, p, _, a in turns]
+    prediction_changed = [(p, a) for _, p, _, a in changed]
+    copy = [(b, a) for _, _, b, a in turns]
+    out: dict = {
+        "observation_exact": exact(observation), "observation_cell_acc": cells(observation),
+        "prediction_exact": exact(prediction), "prediction_cell_acc": cells(prediction),
+        # None when no turn changed the state: nothing to measure
+        "prediction_exact_changed": exact(prediction_changed) if changed else None,
+        "prediction_cell_acc_changed": cells(prediction_changed) if changed else None,
+        "copy_exact_baseline": exact(copy), "copy_cell_acc_baseline": cells(copy),
+    }
     out["changed_turns"] = len(changed)
     return out
 

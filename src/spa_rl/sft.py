@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from spa_rl.errors import SpaError
+from spa_rl.generation import stop_token_ids
 from spa_rl.selfplay import read_jsonl
 
 LOSSES = ("full", "masked")
@@ -123,10 +124,16 @@ def load_dataset(data_dir: str, expected_env: str | None = None) -> tuple[list[d
     return train, val, manifest
 
 
+def row_sequence(row: dict) -> tuple[list[dict], list[int]]:
+    """(messages, assistant indices with loss) of one dataset row on its own: its reply gets the loss."""
+    messages = row["prompt"] + row["completion"]
+    return messages, [len(messages) - 1]
+
+
 def encode_sample(tokenizer: Any, row: dict, loss: str) -> tuple[list[int], list[int]]:
     """(input ids, loss mask) of one sample: the mask is 1 on the assistant turn's tokens (see module doc)."""
-    messages = row["prompt"] + row["completion"]
-    return encode_conversation(tokenizer, messages, loss, [len(messages) - 1])
+    messages, targets = row_sequence(row)
+    return encode_conversation(tokenizer, messages, loss, targets)
 
 
 def encode_conversation(tokenizer: Any, messages: list[dict], loss: str,
@@ -138,8 +145,6 @@ def encode_conversation(tokenizer: Any, messages: list[dict], loss: str,
     enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     mask = [0] * len(ids)
-    from spa_rl.generation import stop_token_ids
-
     stop_ids = set(stop_token_ids(None, tokenizer))
     for k in targets:
         prompt_text = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
@@ -182,20 +187,20 @@ def pack_trajectories(rows: list[dict]) -> list[tuple[list[dict], list[int]]]:
     for row in rows:
         key = row.get("meta", {}).get("trajectory")
         if key is None:
-            loose.append((row["prompt"] + row["completion"], [len(row["prompt"]) + len(row["completion"]) - 1]))
+            loose.append(row_sequence(row))
         else:
             groups.setdefault(key, []).append(row)
     packed = []
     for members in groups.values():
         longest = max(members, key=lambda r: len(r["prompt"]) + len(r["completion"]))
-        messages = longest["prompt"] + longest["completion"]
+        messages, _ = row_sequence(longest)
         targets = set()
         for row in members:
-            conv = row["prompt"] + row["completion"]
+            conv, (last,) = row_sequence(row)
             if conv == messages[:len(conv)]:
-                targets.add(len(conv) - 1)
+                targets.add(last)
             else:
-                loose.append((conv, [len(conv) - 1]))
+                loose.append((conv, [last]))
         packed.append((messages, sorted(targets)))
     return packed + loose
 
@@ -349,8 +354,7 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
     def encode(rows: list[dict]) -> tuple[list[tuple[list[int], list[int]]], list[int], int]:
         """(sequences, turns with loss in each, rows dropped as too long)"""
         kept, turns, dropped = [], [], 0
-        units = pack_trajectories(rows) if config.pack else [
-            (r["prompt"] + r["completion"], [len(r["prompt"]) + len(r["completion"]) - 1]) for r in rows]
+        units = pack_trajectories(rows) if config.pack else [row_sequence(r) for r in rows]
         while units:
             messages, targets = units.pop(0)
             ids, mask = encode_conversation(tokenizer, messages, config.loss, targets)
