@@ -81,3 +81,74 @@ def test_sampling_filters():
 def test_unknown_backend(tokenizer):
     with pytest.raises(SpaError, match="unknown generation backend"):
         make_backend("vllm-not-here", build_tiny_model(tokenizer), tokenizer)
+
+
+def _tiny_qwen2(tokenizer):
+    """A tiny Qwen2 model: biases on q/k/v, unlike Llama."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_(0, 0.5)
+            layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lean_decoder_matches_the_model_forward(tokenizer, family):
+    """The lean decode step (shared-prefix attention, fused weights) gives the model's own log-probs, for prompts
+    with and without a shared prefix, and in a second call that continues the first one's rows."""
+    model = build_tiny_model(tokenizer, seed=2) if family == "llama" else _tiny_qwen2(tokenizer)
+    with torch.no_grad():  # random init gives near-uniform attention, which would hide attention errors
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40.0)
+            layer.self_attn.k_proj.weight.mul_(40.0)
+    lean, plain = KVCacheBackend(model, tokenizer), KVCacheBackend(model, tokenizer, lean=False)
+    assert lean._lean is not None and plain._lean is None
+    shared = list(range(100, 140))
+    first = [shared + [7, 8, 9], shared + [7], shared + [5, 6, 7, 8, 9, 10], shared + [7, 8, 9]]
+    config = SamplingConfig(max_new_tokens=10, temperature=0.0)
+    outs = {}
+    for name, backend in (("lean", lean), ("plain", plain)):
+        a = backend.generate(first, config)
+        second = [p + o.token_ids + [11, 12] for p, o in zip(first, a, strict=True)]
+        b = backend.generate(second, config)
+        c = backend.generate([[3, 4, 5], [6, 7]], config)  # nothing shared
+        outs[name] = (a, b, c)
+    for got, ref in zip(outs["lean"], outs["plain"], strict=True):
+        for g, r in zip(got, ref, strict=True):
+            assert g.token_ids == r.token_ids
+            assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(r.logprobs), atol=1e-4)
+
+
+def test_lean_decoder_follows_weight_updates_and_declines_unknown_models(tokenizer):
+    from spa_rl.lean_decode import LeanDecoder
+
+    model = build_tiny_model(tokenizer, seed=4)
+    backend = KVCacheBackend(model, tokenizer)
+    prompt = [[20, 21, 22, 23]]
+    config = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    before = backend.generate(prompt, config)[0]
+    with torch.no_grad():  # an optimizer step changes weights in place
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(3.0)
+            layer.self_attn.k_proj.weight.add_(0.3)
+    backend.reset()
+    after = backend.generate(prompt, config)[0]
+    reference = KVCacheBackend(model, tokenizer, lean=False).generate(prompt, config)[0]
+    assert after.token_ids == reference.token_ids
+    assert torch.allclose(torch.tensor(after.logprobs), torch.tensor(reference.logprobs), atol=1e-4)
+    assert after.logprobs != before.logprobs
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(build_tiny_model(tokenizer), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert LeanDecoder.build(lora) is None
+    assert LeanDecoder.build(lora.base_model.model) is None  # its projections are LoRA layers now
+    gpt2 = torch.nn.Module()
+    assert LeanDecoder.build(gpt2) is None

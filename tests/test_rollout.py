@@ -138,8 +138,8 @@ def test_random_policy_success_matches_direct_simulation():
     assert abs(rollout_rate - direct) < 3 * se + 0.01, (rollout_rate, direct)
 
 
-@pytest.mark.parametrize("max_concurrent", [4, 8])
-def test_kv_reuse_across_turns_with_early_stops_and_new_rows(tokenizer, max_concurrent):
+@pytest.mark.parametrize(("max_concurrent", "lean"), [(4, True), (8, True), (8, False)])
+def test_kv_reuse_across_turns_with_early_stops_and_new_rows(tokenizer, max_concurrent, lean):
     """Rows stop at random points (a biased stop token), finished rows leave the batch, new episodes join
     continuing ones: every turn's log-probs must still equal a fresh forward pass of the whole conversation."""
     model = build_tiny_model(tokenizer, seed=3)
@@ -149,7 +149,8 @@ def test_kv_reuse_across_turns_with_early_stops_and_new_rows(tokenizer, max_conc
         head.bias.zero_()
         head.bias[tokenizer.eos_token_id] = 8.0  # about a 6% chance to stop at each step
     model.lm_head = head
-    backend = KVCacheBackend(model, tokenizer)
+    backend = KVCacheBackend(model, tokenizer, lean=lean)
+    assert (backend._lean is not None) == lean
     config = RolloutConfig(env="sokoban", sampling=SamplingConfig(max_new_tokens=12), max_concurrent=max_concurrent)
     episodes = RolloutEngine(config, backend, tokenizer).run([1, 2, 3], group_size=2, seed=4)
     stops = [t.response_ids[-1] == tokenizer.eos_token_id for e in episodes for t in e.turns]

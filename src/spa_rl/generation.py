@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
+from spa_rl.lean_decode import LeanDecoder
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -169,12 +171,15 @@ class KVCacheBackend:
     - Multi-turn reuse: the cache of the previous call is kept, and a prompt that continues one of its rows
       (the next turn of the same conversation) only prefills its new tokens.
     - Rows that finish leave the batch once a quarter of it has finished (their cache is set aside for reuse).
-    - On CPU the model's attention is switched to `decode_attention` (same maths, a faster kernel for
-      single-token steps).
+    - Decoding steps of Llama-family models (Llama, Qwen2, SmolLM2) run through `LeanDecoder`: the same maths
+      in a few fused operations per layer, with the prompt prefix all rows share attended once for the batch.
+      Other models use their own forward, with the attention switched on CPU to `decode_attention` (same
+      maths, a faster kernel for single-token steps).
     Rows may have holes (padding) anywhere: the attention mask and explicit position ids take care of them.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, compact_every: float = 0.25, reuse: bool = True) -> None:
+    def __init__(self, model: Any, tokenizer: Any, compact_every: float = 0.25, reuse: bool = True,
+                 lean: bool = True) -> None:
         self.model = model
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = stop_token_ids(model, tokenizer)
@@ -187,6 +192,7 @@ class KVCacheBackend:
             model.set_attn_implementation("spa_decode")
         # decode_attention reads only the cache columns the mask covers; other kernels need the full width
         self._narrow_mask = getattr(model.config, "_attn_implementation", None) == "spa_decode"
+        self._lean = LeanDecoder.build(model) if lean else None
 
     def reset(self) -> None:
         """Forget the kept cache (frees its memory)."""
@@ -199,6 +205,9 @@ class KVCacheBackend:
             for layer in cache.layers:
                 layer.keys = layer.keys.index_select(0, index)
                 layer.values = layer.values.index_select(0, index)
+                for name in ("lean_kt", "lean_v"):  # the lean decoder's per-row copies, if any
+                    if getattr(layer, name, None) is not None:
+                        setattr(layer, name, getattr(layer, name).index_select(0, index))
         except AttributeError:
             return False
         return True
@@ -217,7 +226,7 @@ class KVCacheBackend:
 
     def _prefill(self, prompts: list[list[int]], max_new_tokens: int, device: Any) -> tuple:
         """Fresh prefill with sharing. Returns (cache, mask [n, width + max_new], last logits [n, V],
-        position of each row's last prompt token [n])."""
+        position of each row's last prompt token [n], number of leading columns every row shares)."""
         unique: dict[tuple[int, ...], int] = {}
         row_of = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
         uniq = [list(p) for p in unique]
@@ -248,8 +257,8 @@ class KVCacheBackend:
             index = torch.tensor(row_of, dtype=torch.long, device=device)
             if not self._select_rows(cache, index):
                 raise RuntimeError("cannot duplicate rows of this KV cache")
-            return cache, mask[index], logits[index], last[index]
-        return cache, mask, logits, last
+            return cache, mask[index], logits[index], last[index], common
+        return cache, mask, logits, last, common
 
     def _match(self, prompts: list[list[int]]) -> list[int]:
         """For each prompt, the stored row whose tokens it continues (-1 if none)."""
@@ -295,8 +304,13 @@ class KVCacheBackend:
         mask[:, old:width] = smask
         start = torch.where(has, st.next_pos.index_select(0, idx), torch.zeros_like(idx))
         positions = start[:, None] + (smask.cumsum(-1) - 1).clamp(min=0)
+        shared = 0  # stored rows are packed to the left: column j holds token j of the row's sequence
+        if all(r >= 0 for r in rows):
+            limit = min(len(st.seqs[r]) for r in rows)
+            while shared < limit and all(p[shared] == prompts[0][shared] for p in prompts):
+                shared += 1
         self._stored = None  # its memory is not needed any more
-        return cache, mask, self._forward(ids, mask, positions, cache, old), positions[:, -1]
+        return cache, mask, self._forward(ids, mask, positions, cache, old), positions[:, -1], shared
 
     def _store(self, prompts: list[list[int]], tokens: list[list[int]], cache: Any, rows: list[int],
                parked: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor]],
@@ -326,6 +340,7 @@ class KVCacheBackend:
                     full[torch.tensor(idx, device=device)] = (pk if src is layer.keys else pv)[li][:, :, :used]
                 out.append(torch.gather(full, 2, order[:, None, :, None].expand(n, h, packed_len, d)))
             layer.keys = layer.values = None  # free as we go
+            layer.lean_kp = layer.lean_vp = layer.lean_kt = layer.lean_v = None
         packed_mask = (torch.arange(packed_len, device=device)[None, :] < counts[:, None]).to(mask.dtype)
         seqs = [list(p) + t[:-1] for p, t in zip(prompts, tokens, strict=True)]
         index = {(len(sq), hash(tuple(sq))): i for i, sq in enumerate(seqs)}
@@ -339,10 +354,11 @@ class KVCacheBackend:
         device = next(self.model.parameters()).device
         rows_in_store = self._match(prompts) if self.reuse else [-1] * len(prompts)
         if any(r >= 0 for r in rows_in_store):
-            cache, mask, logits, last = self._prefill_continue(prompts, rows_in_store, config.max_new_tokens, device)
+            cache, mask, logits, last, shared = self._prefill_continue(prompts, rows_in_store,
+                                                                       config.max_new_tokens, device)
         else:
             self._stored = None
-            cache, mask, logits, last = self._prefill(prompts, config.max_new_tokens, device)
+            cache, mask, logits, last, shared = self._prefill(prompts, config.max_new_tokens, device)
         prompt_last = last.clone()
         width = mask.shape[1] - config.max_new_tokens
         stop = torch.tensor(self.stop_ids, device=device)
@@ -355,6 +371,7 @@ class KVCacheBackend:
         next_pos = last + 1
         used = width
         mask4: torch.Tensor | None = None
+        lean_used = False  # the lean step writes the cache directly: its length counters are set after the loop
         for step in range(config.max_new_tokens):
             tok, lp = sample_next(logits, config, generator)
             done_now = torch.isin(tok, stop)
@@ -388,12 +405,19 @@ class KVCacheBackend:
             mask4[:, 0, 0, col] = True
             # a ready 4D mask skips the model's mask construction at every step; cut at the last used column, it
             # also keeps decode_attention from reading the unused end of the static cache
-            step_mask = mask4[..., :used] if self._narrow_mask else mask4
-            out = self.model(input_ids=tok[:, None], attention_mask=step_mask, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True,
-                             cache_position=torch.tensor([col], device=device))
-            logits = out.logits[:, -1, :]
+            if self._lean is not None and not self.model.training:
+                logits = self._lean.step(tok, next_pos, cache, col, mask4[:, 0, 0], prefix=shared)
+                lean_used = True
+            else:
+                step_mask = mask4[..., :used] if self._narrow_mask else mask4
+                out = self.model(input_ids=tok[:, None], attention_mask=step_mask,
+                                 position_ids=next_pos[:, None], past_key_values=cache, use_cache=True,
+                                 cache_position=torch.tensor([col], device=device))
+                logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
+        if lean_used:
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(used)
         if self.reuse:
             self._store(prompts, tokens, cache, rows, parked, mask, prompt_last, width, used)
         return [Generation(tokens[i], logprobs[i], finished[i]) for i in range(n)]
