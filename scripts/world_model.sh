@@ -4,6 +4,8 @@
 #   bash scripts/world_model.sh cold        # cold start: random self-play data, SFT, eval, novelty
 #   bash scripts/world_model.sh compare     # novelty-guided vs random self-play from the cold-started model, 3 seeds
 #   bash scripts/world_model.sh rounds      # two rounds of (random self-play, SFT) from the cold-started model
+#   bash scripts/world_model.sh greedy      # the cold-started model evaluated greedily (temperature 0)
+#   bash scripts/world_model.sh more        # the cold-started model fine-tuned on 4x more fresh random self-play
 set -euo pipefail
 OUT=${OUT:-runs/wm}
 ENV_NAME=${ENV_NAME:-sokoban}
@@ -39,6 +41,21 @@ compare() {
 rounds() {
   spa selfplay --env "$ENV_NAME" --model "$COLD" --policy random --rounds 2 --puzzles 8 --samples 4 --epochs 1 \
     --first-seed 10000 --out "$OUT/rounds"
+}
+
+greedy() {
+  [ -f "$OUT/cold/eval-greedy/metrics.json" ] || spa eval --model "$COLD" --env "$ENV_NAME" --puzzles 32 --samples 1 \
+    --temperature 0 --out "$OUT/cold/eval-greedy"
+}
+
+more() {
+  spa collect --env "$ENV_NAME" --policy random --puzzles 192 --samples 4 --first-seed 48 --out "$OUT/more/data"
+  [ -f "$OUT/more/sft/model/config.json" ] || spa sft --data "$OUT/more/data" --out "$OUT/more/sft" --model "$COLD" \
+    --epochs 1 --micro-batch-size 1 --env "$ENV_NAME"
+  [ -f "$OUT/more/eval/metrics.json" ] || spa eval --model "$OUT/more/sft/model" --env "$ENV_NAME" --puzzles 32 \
+    --samples 2 --out "$OUT/more/eval"
+  [ -f "$OUT/more/eval-greedy/metrics.json" ] || spa eval --model "$OUT/more/sft/model" --env "$ENV_NAME" \
+    --puzzles 32 --samples 1 --temperature 0 --out "$OUT/more/eval-greedy"
 }
 
 for stage in "${@:-cold}"; do "$stage"; done

@@ -88,7 +88,7 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig,
         tokens = logits.argmax(dim=-1)
         chosen = logits.gather(1, tokens[:, None]).squeeze(1)
         return tokens, chosen - torch.logsumexp(logits, dim=-1)
-    scaled = logits / config.temperature
+    scaled = logits / config.temperature if config.temperature != 1.0 else logits
     peak = scaled.max(dim=-1, keepdim=True).values
     weights = (scaled - peak).exp_()  # unnormalised probabilities
     log_total = weights.sum(dim=-1).log()

@@ -152,7 +152,7 @@ class LeanDecoder:
             qk = torch.cat([q, k], 1)  # rotary on queries and keys at once
             rot = torch.cat([-qk[..., half:], qk[..., :half]], -1)
             qk = qk * cos + rot * sin
-            q, k = qk[:, :nh].reshape(b, nkv, group, hd), qk[:, nh:]
+            q, k = (qk[:, :nh] * self.scaling).reshape(b, nkv, group, hd), qk[:, nh:]
             cl.keys[:, :, col] = k  # the standard cache stays complete for the caller
             cl.values[:, :, col] = v
             kp, vp, kt, vs = self._layer_state(cl, prefix)
@@ -161,11 +161,11 @@ class LeanDecoder:
             w = kt.shape[-1]
             # each row's own columns: [B * nkv, hd, W - P] @ ... as contiguous matrices (see "Layout")
             own_scores = torch.bmm(q.reshape(b * nkv, group, hd), kt.view(b * nkv, hd, w)).view(b, nkv, group, w)
-            own_scores = own_scores.float() * self.scaling + neg
+            own_scores = own_scores.float() + neg
             if prefix:  # the shared columns: one [B * group, hd] @ [hd, P] matmul per kv head
                 qh = q.permute(1, 0, 2, 3).reshape(nkv, b * group, hd)
                 pre_scores = torch.bmm(qh, kp).view(nkv, b, group, prefix).permute(1, 0, 2, 3)
-                scores = torch.cat([pre_scores.float() * self.scaling, own_scores], -1)
+                scores = torch.cat([pre_scores.float(), own_scores], -1)
             else:
                 scores = own_scores
             probs = torch.softmax(scores, dim=-1).to(vs.dtype)
