@@ -7,6 +7,7 @@ sampled at temperature 1.0. Two prompt sets: "grouped", 4 puzzles x 8 samples (h
 of samples that share a puzzle), and "distinct", 32 different puzzles. For each, HF `generate` on the 32
 prompts in one batch is compared with the engine's `kv` backend on the same prompts; then whole multi-turn
 episodes through the engine are timed (generated tokens over wall time, environment and parsing included).
+The engine is also timed with the model's own forward in place of the lean decode step (`kv-plain`).
 
 Each measurement runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own. It also
 measures the memory bandwidth (a large tensor copy) and reports the decode roofline: bandwidth divided by
@@ -52,9 +53,14 @@ def worker(phase: str, kind: str, new_tokens: int) -> dict:
     lm = load_model()
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
     result = {"phase": phase, "kind": kind, "dtype": str(lm.dtype), "threads": torch.get_num_threads()}
-    if phase in ("hf", "kv"):
+    if phase in ("hf", "kv", "kv-plain"):
         prompts = _prompts(lm.tokenizer, kind)
-        backend = make_backend(phase, lm.model, lm.tokenizer)
+        if phase == "kv-plain":  # the engine with the model's own forward instead of the lean decode step
+            from spa_rl.generation import KVCacheBackend
+
+            backend = KVCacheBackend(lm.model, lm.tokenizer, lean=False)
+        else:
+            backend = make_backend(phase, lm.model, lm.tokenizer)
         backend.generate(prompts[:2], SamplingConfig(max_new_tokens=4))  # warm-up
         t0 = time.perf_counter()
         gens = backend.generate(prompts, sampling, torch.Generator().manual_seed(0))
@@ -133,9 +139,9 @@ def main() -> None:
           f"median of {args.rounds} alternating rounds", flush=True)
     rows = {}
     for kind in ("grouped", "distinct"):
-        results: dict[str, list[dict]] = {"hf": [], "kv": []}
+        results: dict[str, list[dict]] = {"hf": [], "kv": [], "kv-plain": []}
         for _ in range(args.rounds):
-            for phase in ("hf", "kv"):
+            for phase in ("hf", "kv", "kv-plain"):
                 results[phase].append(run(phase, kind, args.new_tokens))
         rows[kind] = {p: statistics.median(r["tok_per_s"] for r in rs) for p, rs in results.items()}
         rows[kind]["rss"] = {p: max(r["peak_rss_gib"] for r in rs) for p, rs in results.items()}
@@ -150,7 +156,10 @@ def main() -> None:
               f"{ep['turns']} turns (peak {ep['peak_rss_gib']:.2f} GiB)\n"
               f"          prefill of the 32 prompts: HF {rows[kind]['prefill']['hf']:.2f} s, kv "
               f"{rows[kind]['prefill']['kv']:.2f} s; decode only: HF {rows[kind]['decode']['hf']:.1f} tok/s, kv "
-              f"{rows[kind]['decode']['kv']:.1f} tok/s", flush=True)
+              f"{rows[kind]['decode']['kv']:.1f} tok/s\n"
+              f"          engine without the lean decode step (the model's own forward): "
+              f"{rows[kind]['kv-plain']:.1f} tok/s, decode only {rows[kind]['decode']['kv-plain']:.1f} tok/s "
+              f"(lean step: {rows[kind]['kv'] / rows[kind]['kv-plain']:.2f}x)", flush=True)
     bw = bandwidth_gbs()
     context = rows["grouped"]["prompt_tokens"] // 32 + args.new_tokens // 2
     step_bytes = decode_bytes_per_step(32, context)

@@ -61,6 +61,7 @@ def plot_rounds(out_dir: str | Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([r["round"] for r in rows], [r["heldout"]["perplexity"] for r in rows], "o-")
+    ax.set_xticks([r["round"] for r in rows])  # rounds are whole numbers
     ax.set_xlabel("self-play round (0 = before)")
     ax.set_ylabel("held-out state perplexity")
     ax.grid(alpha=0.3)
