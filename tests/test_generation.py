@@ -127,28 +127,40 @@ def test_lean_decoder_matches_the_model_forward(tokenizer, family):
 
 
 def test_lean_decoder_follows_weight_updates_and_declines_unknown_models(tokenizer):
+    """Every way a trainer changes weights (a fused optimizer step, `.data` writes, LoRA wrapping after the
+    backend exists) is seen by the next generation call."""
+    from peft import LoraConfig, get_peft_model
+
     from spa_rl.lean_decode import LeanDecoder
 
     model = build_tiny_model(tokenizer, seed=4)
     backend = KVCacheBackend(model, tokenizer)
     prompt = [[20, 21, 22, 23]]
     config = SamplingConfig(max_new_tokens=6, temperature=0.0)
-    before = backend.generate(prompt, config)[0]
-    with torch.no_grad():  # an optimizer step changes weights in place
+
+    def check_against_plain_forward() -> list[float]:
+        backend.reset()
+        got = backend.generate(prompt, config)[0]
+        ref = KVCacheBackend(model, tokenizer, lean=False).generate(prompt, config)[0]
+        assert got.token_ids == ref.token_ids
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4)
+        return got.logprobs
+
+    before = check_against_plain_forward()
+    with torch.no_grad():  # writes that do not move the version counter
         for layer in model.model.layers:
-            layer.mlp.up_proj.weight.mul_(3.0)
-            layer.self_attn.k_proj.weight.add_(0.3)
+            layer.mlp.up_proj.weight.data.mul_(3.0)
+            layer.self_attn.k_proj.weight.data += 0.3
+    after = check_against_plain_forward()
+    assert after != before
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    model(input_ids=torch.tensor(prompt), labels=torch.tensor(prompt)).loss.backward()
+    opt.step()
+    model.eval()
+    assert check_against_plain_forward() != after
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # wraps in place
+    assert not LeanDecoder.supports(model) and LeanDecoder.build(lora) is None
     backend.reset()
-    after = backend.generate(prompt, config)[0]
-    reference = KVCacheBackend(model, tokenizer, lean=False).generate(prompt, config)[0]
-    assert after.token_ids == reference.token_ids
-    assert torch.allclose(torch.tensor(after.logprobs), torch.tensor(reference.logprobs), atol=1e-4)
-    assert after.logprobs != before.logprobs
-
-    from peft import LoraConfig, get_peft_model
-
-    lora = get_peft_model(build_tiny_model(tokenizer), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert LeanDecoder.build(lora) is None
-    assert LeanDecoder.build(lora.base_model.model) is None  # its projections are LoRA layers now
-    gpt2 = torch.nn.Module()
-    assert LeanDecoder.build(gpt2) is None
+    assert backend.generate(prompt, config)[0].token_ids  # falls back to the model's own forward
+    assert LeanDecoder.build(torch.nn.Module()) is None

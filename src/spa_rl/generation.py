@@ -371,6 +371,7 @@ class KVCacheBackend:
         next_pos = last + 1
         used = width
         mask4: torch.Tensor | None = None
+        lean = self._lean is not None and not self.model.training and self._lean.prepare()
         lean_used = False  # the lean step writes the cache directly: its length counters are set after the loop
         for step in range(config.max_new_tokens):
             tok, lp = sample_next(logits, config, generator)
@@ -405,7 +406,7 @@ class KVCacheBackend:
             mask4[:, 0, 0, col] = True
             # a ready 4D mask skips the model's mask construction at every step; cut at the last used column, it
             # also keeps decode_attention from reading the unused end of the static cache
-            if self._lean is not None and not self.model.training:
+            if lean:
                 logits = self._lean.step(tok, next_pos, cache, col, mask4[:, 0, 0], prefix=shared)
                 lean_used = True
             else:

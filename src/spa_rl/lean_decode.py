@@ -8,12 +8,12 @@ cache, two small attention matmuls over the cache, one fused gate/up matmul. No 
 library offers this for CPU decoding of HF models (vLLM and llama.cpp replace the model instead of sharing
 its weights and cache with training code).
 
-The fused weights are copies, refreshed automatically when any source parameter changes (its in-place
-version counter moves, as it does at every optimizer step), so a policy being trained is always decoded
-with its current weights. It must never be used for a model it does not recognise exactly (LoRA-wrapped
-projections, sliding-window attention, biases on the output projection, other norms): `LeanDecoder.build`
-returns None for those and the caller keeps the standard forward. Its output must match the standard
-forward to floating-point tolerance (tested in `tests/test_generation.py`).
+The fused weights are copies, rebuilt at the start of every generation call (`prepare`), so a policy being
+trained is always decoded with its current weights however they were updated (optimizer steps, fused or not,
+`.data` writes, LoRA merges, replaced parameters). It must never be used for a model it does not recognise
+exactly (LoRA-wrapped projections, modules with hooks, sliding-window attention, biases on the output
+projection, other norms): `supports` is checked at every call and the caller keeps the standard forward.
+Its output must match the standard forward to floating-point tolerance (tested in `tests/test_generation.py`).
 
 Layout. The attention's score matmul reads keys as [head_dim, length] matrices. Sliced from the cache's
 [length, head_dim] layout they are transposed and not contiguous, and the CPU bf16 kernel copies them at
@@ -42,57 +42,58 @@ class LeanDecoder:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.inner = model.model
         cfg = model.config
-        self.layers = list(self.inner.layers)
-        attn = self.layers[0].self_attn
-        self.head_dim = attn.head_dim
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
-        self.scaling = attn.scaling
-        self._sources: list[torch.Tensor] = []
-        self._versions: tuple[int, ...] = ()
+        self.inner: Any = None
+        self.layers: list[Any] = []
         self._fused: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
 
-    @classmethod
-    def build(cls, model: Any) -> LeanDecoder | None:
-        """A decoder for `model`, or None when the model is not exactly a supported plain architecture."""
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Whether `model` is, right now, exactly a plain supported architecture (no LoRA layers, no hooks)."""
         cfg = getattr(model, "config", None)
         if cfg is None or getattr(cfg, "model_type", None) not in _SUPPORTED:
-            return None
+            return False
         if getattr(cfg, "use_sliding_window", False) or (
                 cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None)):
-            return None
+            return False
         inner = getattr(model, "model", None)
         layers = getattr(inner, "layers", None)
         if layers is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
-            return None
+            return False
+        if any(mod._forward_hooks or mod._forward_pre_hooks or hasattr(mod, "_hf_hook") for mod in model.modules()):
+            return False  # hooks (offloading, adapters, instrumentation) would be bypassed
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
             linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
             if any(type(x) is not torch.nn.Linear for x in linears) or a.o_proj.bias is not None:
-                return None
+                return False
             if m.gate_proj.bias is not None or m.up_proj.bias is not None or m.down_proj.bias is not None:
-                return None
+                return False
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 if not hasattr(norm, "variance_epsilon") or type(norm).__name__ not in (
                         "LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"):
-                    return None
+                    return False
             if type(m.act_fn).__name__ != "SiLUActivation" and not isinstance(m.act_fn, torch.nn.SiLU):
-                return None
-        return cls(model)
+                return False
+        return True
 
-    def _refresh(self) -> None:
-        """(Re)build the fused weights if any source parameter changed since the last build."""
-        if not self._sources:
-            for layer in self.layers:
-                a, m = layer.self_attn, layer.mlp
-                self._sources += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight,
-                                  m.up_proj.weight]
-                self._sources += [b for b in (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias) if b is not None]
-        versions = tuple(p._version for p in self._sources) + tuple(p.data_ptr() for p in self._sources)
-        if versions == self._versions:
-            return
+    @classmethod
+    def build(cls, model: Any) -> LeanDecoder | None:
+        """A decoder for `model`, or None when the model is not exactly a supported plain architecture."""
+        return cls(model) if cls.supports(model) else None
+
+    def prepare(self) -> bool:
+        """Called at the start of every generation call: checks the model again (modules may have been
+        replaced, e.g. wrapped by LoRA) and rebuilds the fused weights from the current parameters, so that a
+        model being trained is always decoded with its current weights, however they were updated. Copying the
+        q/k/v and gate/up weights takes milliseconds. False: use the model's own forward for this call."""
+        if not self.supports(self.model):
+            self._fused = []
+            return False
+        self.inner = self.model.model
+        self.layers = list(self.inner.layers)
         fused = []
         with torch.no_grad():
             for layer in self.layers:
@@ -104,7 +105,7 @@ class LeanDecoder:
                 wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight], 0).contiguous()
                 fused.append((wqkv, bias, wgu))
         self._fused = fused
-        self._versions = versions
+        return True
 
     @staticmethod
     def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
@@ -131,9 +132,11 @@ class LeanDecoder:
         `prefix`: the first `prefix` columns hold the same tokens at the same positions in every row and every
         row attends to all of them (the caller guarantees it); their attention is computed once for the batch.
         """
-        self._refresh()
+        if not self._fused:
+            raise RuntimeError("LeanDecoder.step called before a successful prepare()")
         b = tokens.shape[0]
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        attn = self.layers[0].self_attn
+        hd, nh, nkv, scaling = attn.head_dim, self.n_heads, self.n_kv, attn.scaling
         group = nh // nkv
         x = self.inner.embed_tokens(tokens)  # [B, H]
         cos, sin = self.inner.rotary_emb(x, positions[:, None])  # [B, 1, hd]
@@ -152,7 +155,7 @@ class LeanDecoder:
             qk = torch.cat([q, k], 1)  # rotary on queries and keys at once
             rot = torch.cat([-qk[..., half:], qk[..., :half]], -1)
             qk = qk * cos + rot * sin
-            q, k = (qk[:, :nh] * self.scaling).reshape(b, nkv, group, hd), qk[:, nh:]
+            q, k = (qk[:, :nh] * scaling).reshape(b, nkv, group, hd), qk[:, nh:]
             cl.keys[:, :, col] = k  # the standard cache stays complete for the caller
             cl.values[:, :, col] = v
             kp, vp, kt, vs = self._layer_state(cl, prefix)
