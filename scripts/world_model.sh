@@ -50,7 +50,7 @@ greedy() {
 
 more() {
   spa collect --env "$ENV_NAME" --policy random --puzzles 192 --samples 4 --first-seed 48 --out "$OUT/more/data"
-  [ -f "$OUT/more/sft/model/config.json" ] || spa sft --data "$OUT/more/data" --out "$OUT/more/sft" --model "$COLD" \
+  [ -f "$OUT/more/sft/model/config.json" ] || spa sft --data "$OUT/more/data" --out "$OUT/more/sft" --model "$COLD" --save-every 20 \
     --epochs 1 --micro-batch-size 1 --env "$ENV_NAME"
   [ -f "$OUT/more/eval/metrics.json" ] || spa eval --model "$OUT/more/sft/model" --env "$ENV_NAME" --puzzles 32 \
     --samples 2 --out "$OUT/more/eval"
