@@ -1,13 +1,18 @@
 """Benchmark: world-model SFT throughput of the embedded model, bf16 autocast vs fp32, against the measured
 matrix-multiply peak of this machine, in the same run.
 
-    python benchmarks/sft.py [--steps 6] [--micro-batch 4]
+    python benchmarks/sft.py [--steps 3]
 
 The training step is the one `spa sft` runs (`spa_rl.sft.token_nll_sum`, AdamW, gradient clipping) on real
-self-play samples (solver play on Sokoban, world-model format, grid+coords). Throughput counts every token
-of every sequence (prompt tokens too); model FLOPs per token are counted as 6 x parameters, as the issue asks,
-and compared with the peak of a large square bf16 (and fp32) matmul measured here. This script must never be
-imported by the package or the tests.
+self-play data: random-policy Sokoban episodes (the cold-start data of `scripts/world_model.sh`), world-model
+format, grid+coords, packed one trajectory per sequence, global batches of 16 turns cut into micro-batches
+exactly as `spa sft` cuts them (length-grouped, at most 4 sequences, 4,096 tokens and 10% padding each). For
+comparison it also times one sequence per turn in random micro-batches of 4 (padding included), the
+configuration of this benchmark's first version, and `spa sft --no-pack` (one sequence per turn,
+batched the same way); fp32 is timed for the default only. Throughput counts every non-padding token
+of every sequence; model FLOPs per token are counted as 6 x parameters, as the issue asks, and compared with
+the peak of a large square bf16 (and fp32) matmul measured here. This script must never be imported by the
+package or the tests.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import tempfile
 import time
 
@@ -34,61 +40,96 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
-def samples(tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
+def datasets(tokenizer) -> tuple[dict, int]:
+    """Encoded sequences: packed trajectories (`spa sft`'s default) and one sequence per turn."""
     from spa_rl.selfplay import collect
-    from spa_rl.sft import encode_sample, load_dataset
+    from spa_rl.sft import encode_conversation, encode_sample, load_dataset, pack_trajectories
 
     with tempfile.TemporaryDirectory() as d:
-        collect("sokoban", d, policy="solver", puzzles=n, samples=1, val_fraction=0.0, quiet=True)
+        collect("sokoban", d, policy="random", puzzles=12, samples=4, val_fraction=0.0, quiet=True)
         rows, _, _ = load_dataset(d)
-    return [encode_sample(tokenizer, r, "full") for r in rows]
+    units = pack_trajectories(rows)
+    packed = [encode_conversation(tokenizer, m, "full", t) for m, t in units]
+    return {"packed": packed, "turns": [len(t) for _, t in units],
+            "per-turn": [encode_sample(tokenizer, r, "full") for r in rows]}, len(rows)
 
 
-def throughput(model, data, micro: int, steps: int, autocast: bool, pad: int) -> float:
+def plans(data: dict, rows: int, steps: int) -> dict[str, tuple[list, list[list[list[int]]]]]:
+    """Per configuration: (sequences, optimizer steps as lists of micro-batches), warm-up step first."""
+    from spa_rl.sft import SFTConfig, _batches, _epoch_batches
+
+    cfg = SFTConfig(data="", out="")
+    packed = data["packed"]
+    spa = []
+    for idx in _epoch_batches(data["turns"], cfg.batch_size, seed=0)[:steps + 1]:
+        order = sorted(idx, key=lambda i: len(packed[i][0]))
+        spa.append(_batches(packed, order, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.max_padding))
+    per_turn = data["per-turn"]
+    no_pack = []
+    for idx in _epoch_batches([1] * len(per_turn), cfg.batch_size, seed=0)[:steps + 1]:
+        order = sorted(idx, key=lambda i: len(per_turn[i][0]))
+        no_pack.append(_batches(per_turn, order, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.max_padding))
+    order = list(range(len(per_turn)))
+    random.Random(0).shuffle(order)
+    random4 = [[order[k:k + 4] for k in range(s, s + 16, 4)] for s in range(0, 16 * (steps + 1), 16)]
+    return {"spa sft (packed trajectories)": (packed, spa),
+            "spa sft --no-pack (one sequence per turn)": (per_turn, no_pack),
+            "one sequence per turn, random micro-batches of 4": (per_turn, random4)}
+
+
+def throughput(model, data, plan: list[list[list[int]]], autocast: bool, pad: int) -> tuple[float, float]:
+    """(tokens/s, padding share) over the plan's optimizer steps after the first (warm-up)."""
     from spa_rl.sft import _collate, token_nll_sum
 
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    batches = [list(range(i, i + micro)) for i in range(0, len(data) - micro + 1, micro)]
 
-    def step(idx: list[int]) -> int:
-        batch = _collate(data, idx, pad)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            nll, n = token_nll_sum(model, batch)
-        (nll / max(n, 1)).backward()
+    def step(micro: list[list[int]]) -> tuple[int, int]:
+        tokens = padded = 0
+        for idx in micro:
+            batch = _collate(data, idx, pad)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                nll, n = token_nll_sum(model, batch)
+            (nll / max(n, 1)).backward()
+            tokens += int(batch["attention_mask"].sum())
+            padded += batch["attention_mask"].numel()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return int(batch["attention_mask"].sum())
+        return tokens, padded
 
-    step(batches[0])  # warm-up
-    tokens, t0 = 0, time.perf_counter()
-    for k in range(steps):
-        tokens += step(batches[(k + 1) % len(batches)])
-    return tokens / (time.perf_counter() - t0)
+    step(plan[0])  # warm-up
+    tokens = padded = 0
+    t0 = time.perf_counter()
+    for micro in plan[1:]:
+        t, p = step(micro)
+        tokens, padded = tokens + t, padded + p
+    return tokens / (time.perf_counter() - t0), 1 - tokens / padded
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per precision (default 6)")
-    parser.add_argument("--micro-batch", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration (default 3)")
     args = parser.parse_args()
     from spa_rl.models import load_model
 
     lm = load_model("smollm2-135m", dtype="fp32")
     params = sum(p.numel() for p in lm.model.parameters())
-    data = samples(lm.tokenizer, 24)
-    mean_len = sum(len(x) for x, _ in data) / len(data)
+    data, rows = datasets(lm.tokenizer)
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; SmolLM2-135M ({params / 1e6:.1f}M parameters), {len(data)} Sokoban "
-          f"SFT samples of {mean_len:.0f} tokens on average, micro-batch {args.micro_batch}")
+          f"{torch.get_num_threads()} threads; SmolLM2-135M ({params / 1e6:.1f}M parameters); {rows} Sokoban turns "
+          f"of random self-play in {len(data['packed'])} trajectories; {args.steps} timed steps of 16 turns")
     print(f"matmul peak (2048^3): bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s")
-    for name, autocast in (("bf16 autocast", True), ("fp32", False)):
-        tps = throughput(lm.model, data, args.micro_batch, args.steps, autocast, lm.tokenizer.pad_token_id)
-        flops = 6 * params * tps
-        print(f"{name:>13}: {tps:7.1f} tokens/s = {flops / 1e9:6.1f} GFLOP/s = {flops / peak_bf16:.1%} of the bf16 "
-              f"peak ({flops / peak_fp32:.1%} of the fp32 peak)", flush=True)
+    for name, (seqs, plan) in plans(data, rows, args.steps).items():
+        precisions = (("bf16 autocast", True), ("fp32", False))
+        if not name.startswith("spa sft ("):
+            precisions = precisions[:1]
+        for precision, autocast in precisions:
+            tps, pad_share = throughput(lm.model, seqs, plan, autocast, lm.tokenizer.pad_token_id)
+            flops = 6 * params * tps
+            print(f"{name}, {precision}: {tps:6.1f} tokens/s ({pad_share:.0%} padding) = {flops / 1e9:5.1f} GFLOP/s "
+                  f"= {flops / peak_bf16:.1%} of the bf16 peak ({flops / peak_fp32:.1%} of the fp32 peak)", flush=True)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,9 @@ def test_micro_batches_respect_the_token_budget():
     micro = _batches(seqs, [0, 1, 2, 3, 4], size=4, max_tokens=1000)
     assert micro == [[0, 1, 2], [3], [4]], "3 x 300 fits 1000; 900 alone; 2000 alone even over the budget"
     assert _batches(seqs, [0, 1, 2, 3, 4], size=2) == [[0, 1], [2, 3], [4]]
+    similar = [([0] * n, [1] * n) for n in (500, 505, 520, 700, 710)]
+    assert _batches(similar, [0, 1, 2, 3, 4], size=4, max_padding=0.1) == [[0, 1, 2], [3, 4]], \
+        "700 would make a fifth of [500, 505, 520, 700] padding"
 
 
 def test_overlong_packed_trajectory_falls_back_to_its_turns(tokenizer, tmp_path):

@@ -230,7 +230,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     config = SFTConfig(data=args.data, out=args.out, model=args.model, loss=args.loss, epochs=args.epochs,
                        lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                       micro_batch_tokens=args.micro_batch_tokens,
+                       micro_batch_tokens=args.micro_batch_tokens, max_padding=args.max_padding,
                        max_length=args.max_length, max_train_samples=args.max_samples, pack=not args.no_pack,
                        lora=args.lora,
                        lora_r=args.lora_r, dtype=args.dtype,
@@ -373,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--micro-batch-size", type=_positive_int, default=4, help="sequences per pass, at most (4)")
     sf.add_argument("--micro-batch-tokens", type=_positive_int, default=4096,
                     help="tokens per pass, padding included, at most (4096): bounds memory")
+    sf.add_argument("--max-padding", type=float, default=0.1,
+                    help="share of padding a pass may hold, at most (0.1): padding slows attention")
     sf.add_argument("--max-length", type=_positive_int, default=2048, help="longer samples are dropped (2048)")
     sf.add_argument("--max-samples", type=_positive_int, default=0,
                     help="train on a fixed random subset of this many training rows (default: all)")
