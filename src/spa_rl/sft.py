@@ -68,8 +68,8 @@ class SFTConfig:
     max_padding: float = 0.1
     """A micro-batch takes another sequence only while padding stays at most this share of its tokens. Padding
     costs more than its share: a padded batch needs an explicit attention mask, which takes the attention
-    kernels off their causal fast path (here four random Sokoban samples, 30% padding, trained at 230-270
-    tokens/s and padding-free micro-batches at 440-480; docs/benchmarks.md)."""
+    kernels off their causal fast path (here one sequence per turn trained at 263 tokens/s in random
+    micro-batches of 4 with 25% padding, and at 362 with this cap; docs/benchmarks.md)."""
     max_length: int = 2048
     """Samples longer than this (in tokens) are dropped and counted."""
     max_train_samples: int = 0
