@@ -54,7 +54,7 @@ def datasets(tokenizer) -> tuple[dict, int]:
             "per-turn": [encode_sample(tokenizer, r, "full") for r in rows]}, len(rows)
 
 
-def plans(data: dict, rows: int, steps: int) -> dict[str, tuple[list, list[list[list[int]]]]]:
+def plans(data: dict, steps: int) -> dict[str, tuple[list, list[list[list[int]]]]]:
     """Per configuration: (sequences, optimizer steps as lists of micro-batches), warm-up step first."""
     from spa_rl.sft import SFTConfig, _batches, _epoch_batches
 
@@ -121,7 +121,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; SmolLM2-135M ({params / 1e6:.1f}M parameters); {rows} Sokoban turns "
           f"of random self-play in {len(data['packed'])} trajectories; {args.steps} timed steps of 16 turns")
     print(f"matmul peak (2048^3): bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s")
-    for name, (seqs, plan) in plans(data, rows, args.steps).items():
+    for name, (seqs, plan) in plans(data, args.steps).items():
         precisions = (("bf16 autocast", True), ("fp32", False))
         if not name.startswith("spa sft ("):
             precisions = precisions[:1]

@@ -147,6 +147,14 @@ def _register_decode_attention() -> None:
     AttentionMaskInterface.register("spa_decode", sdpa_mask)
 
 
+def _common_prefix(seqs: list[list[int]], limit: int) -> int:
+    """Length of the longest prefix all `seqs` share, at most `limit`."""
+    n = 0
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
 @dataclass
 class _Stored:
     """The KV cache a previous `generate` call left behind, row by row, for prompts that continue it."""
@@ -230,10 +238,7 @@ class KVCacheBackend:
         unique: dict[tuple[int, ...], int] = {}
         row_of = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
         uniq = [list(p) for p in unique]
-        shortest = min(len(p) for p in uniq)
-        common = 0
-        while common < shortest - 1 and all(p[common] == uniq[0][common] for p in uniq):
-            common += 1
+        common = _common_prefix(uniq, min(len(p) for p in uniq) - 1)
         u = len(uniq)
         ids, suffix_mask = _left_pad([p[common:] for p in uniq], self.pad_id, device)
         width = common + ids.shape[1]
@@ -306,9 +311,7 @@ class KVCacheBackend:
         positions = start[:, None] + (smask.cumsum(-1) - 1).clamp(min=0)
         shared = 0  # stored rows are packed to the left: column j holds token j of the row's sequence
         if all(r >= 0 for r in rows):
-            limit = min(len(st.seqs[r]) for r in rows)
-            while shared < limit and all(p[shared] == prompts[0][shared] for p in prompts):
-                shared += 1
+            shared = _common_prefix(prompts, min(len(st.seqs[r]) for r in rows))
         self._stored = None  # its memory is not needed any more
         return cache, mask, self._forward(ids, mask, positions, cache, old), positions[:, -1], shared
 
@@ -372,7 +375,6 @@ class KVCacheBackend:
         used = width
         mask4: torch.Tensor | None = None
         lean = self._lean is not None and not self.model.training and self._lean.prepare()
-        lean_used = False  # the lean step writes the cache directly: its length counters are set after the loop
         for step in range(config.max_new_tokens):
             tok, lp = sample_next(logits, config, generator)
             done_now = torch.isin(tok, stop)
@@ -408,7 +410,6 @@ class KVCacheBackend:
             # also keeps decode_attention from reading the unused end of the static cache
             if lean:
                 logits = self._lean.step(tok, next_pos, cache, col, mask4[:, 0, 0], prefix=shared)
-                lean_used = True
             else:
                 step_mask = mask4[..., :used] if self._narrow_mask else mask4
                 out = self.model(input_ids=tok[:, None], attention_mask=step_mask,
@@ -416,7 +417,7 @@ class KVCacheBackend:
                                  cache_position=torch.tensor([col], device=device))
                 logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
-        if lean_used:
+        if lean:  # the lean step writes the cache directly: set its length counters
             for layer in cache.layers:
                 layer.cumulative_length.fill_(used)
         if self.reuse:
