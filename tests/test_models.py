@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_tiny_model
 
 from spa_rl.errors import SpaError
-from spa_rl.models import load_model, pick_dtype
+from spa_rl.models import load_model, next_token_logits, pick_dtype
 
 
 def test_load_local_directory(tiny_model_dir):
@@ -42,3 +43,35 @@ def test_dtype_choice():
     assert pick_dtype("cpu") in (torch.bfloat16, torch.float32)
     with pytest.raises(SpaError, match="unknown dtype"):
         pick_dtype("cpu", "int3")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_next_token_logits_of_a_padded_batch_equal_each_sequence_alone(tokenizer, lora):
+    """Right padding is dropped from the attention call; the kept positions still see only their own row,
+    with or without a PEFT wrapper (which hides the decoder behind get_base_model)."""
+    model = build_tiny_model(tokenizer).eval()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, 1000, (n,), generator=g) for n in (9, 4, 7)]
+    ids = torch.zeros((3, 9), dtype=torch.long)
+    mask = torch.zeros((3, 9), dtype=torch.long)
+    keep = torch.zeros((3, 8), dtype=torch.bool)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)], mask[r, :len(s)], keep[r, :len(s) - 1] = s, 1, True
+    with torch.no_grad():
+        got = next_token_logits(model, ids, mask, keep)
+        want = torch.cat([model(input_ids=s[None]).logits[0, :-1] for s in seqs])
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # left-padded rows keep their mask: the pads stay invisible (RoPE sees relative positions only)
+    left = torch.stack([torch.cat([torch.zeros(9 - len(s), dtype=torch.long), s]) for s in seqs])
+    lmask = (torch.arange(9)[None] >= torch.tensor([9 - len(s) for s in seqs])[:, None]).long()
+    last = torch.zeros((3, 8), dtype=torch.bool)
+    last[:, -1] = True
+    with torch.no_grad():
+        got_left = next_token_logits(model, left, lmask, last)
+    last_of_each = torch.tensor([7, 7 + 3, 7 + 3 + 6])
+    torch.testing.assert_close(got_left, want[last_of_each], atol=1e-4, rtol=1e-4)

@@ -3,8 +3,9 @@ state's text, conditioned on the context the agent sees before it.
 
 The context of a state is the conversation up to `State:\\n` of the turn that shows it; the state's tokens are
 found by character offsets in the tokenisation of the whole text, so they are the tokens the model really
-reads. Scoring is batched (left-padded, one forward pass per batch). No library scores spans of chat
-conversations this way, so it is here. This module must never change the model's weights or mode.
+reads. Scoring is batched (right-padded, one forward pass per batch, the output projection applied to the
+state positions only). No library scores spans of chat conversations this way, so it is here. This module
+must never change the model's weights or mode.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from spa_rl.errors import SpaError
+from spa_rl.models import next_token_logits
 
 
 @dataclass(frozen=True)
@@ -62,19 +64,14 @@ def score_states(model: Any, tokenizer: Any, items: Sequence[StateText], batch_s
         width = max(len(e) for e in encoded)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, e in enumerate(encoded):
-            ids[r, width - len(e):] = torch.tensor(e)
-            mask[r, width - len(e):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
+        keep = torch.zeros((len(chunk), width - 1), dtype=torch.bool)
         for r, (e, idx) in enumerate(zip(encoded, spans, strict=True)):
-            offset = width - len(e)
-            pos = torch.tensor([offset + i for i in idx], device=logp.device)
-            targets = ids[r, pos.cpu()].to(logp.device)
-            nll = -logp[r, pos - 1, targets]
-            scores.append(float(nll.mean()))
+            ids[r, :len(e)] = torch.tensor(e)
+            mask[r, :len(e)] = 1
+            keep[r, [i - 1 for i in idx]] = True  # the position before each state token predicts it
+        logp = torch.log_softmax(next_token_logits(model, ids.to(device), mask.to(device), keep.to(device)).float(), -1)
+        nll = -logp.gather(-1, ids[:, 1:][keep].to(logp.device)[:, None])[:, 0].cpu()
+        scores.extend(float(part.mean()) for part in nll.split([len(idx) for idx in spans]))
     return scores
 
 

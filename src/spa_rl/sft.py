@@ -31,6 +31,7 @@ import torch
 
 from spa_rl.errors import SpaError
 from spa_rl.generation import stop_token_ids
+from spa_rl.models import next_token_logits
 from spa_rl.selfplay import read_jsonl
 
 LOSSES = ("full", "masked")
@@ -256,32 +257,13 @@ def _collate(samples: list[tuple[list[int], list[int]]], idx: list[int], pad_id:
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
-def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return (decoder, head) if decoder is not None and head is not None else None
-
-
 def token_nll_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token NLL over the batch's loss tokens, and their count.
-
-    The output projection is applied to the loss positions only (a vocabulary of 49k makes full logits the
-    largest tensor of a step); models without a separable decoder and head fall back to full logits.
-    """
+    """Sum of next-token NLL over the batch's loss tokens, and their count (`models.next_token_logits`
+    applies the output projection to the loss positions only)."""
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    count = int(keep.sum())
-    parts = _decoder_and_head(model)
-    if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), count
-    decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = head(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"), count
+    logits = next_token_logits(model, batch["input_ids"], batch["attention_mask"], keep).float()
+    return torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
