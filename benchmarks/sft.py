@@ -7,12 +7,13 @@ The training step is the one `spa sft` runs (`spa_rl.sft.token_nll_sum`, AdamW, 
 self-play data: random-policy Sokoban episodes (the cold-start data of `scripts/world_model.sh`), world-model
 format, grid+coords, packed one trajectory per sequence, global batches of 16 turns cut into micro-batches
 exactly as `spa sft` cuts them (length-grouped, at most 4 sequences, 4,096 tokens and 10% padding each). For
-comparison it also times one sequence per turn in random micro-batches of 4 (padding included), the
-configuration of this benchmark's first version, and `spa sft --no-pack` (one sequence per turn,
-batched the same way); fp32 is timed for the default only. Throughput counts every non-padding token
-of every sequence; model FLOPs per token are counted as 6 x parameters, as the issue asks, and compared with
-the peak of a large square bf16 (and fp32) matmul measured here. This script must never be imported by the
-package or the tests.
+comparison it also times `spa sft --no-pack` (one sequence per turn, batched the same way); fp32 is timed for
+the default only. Throughput counts every non-padding token of every sequence; model FLOPs per token are
+counted as 6 x parameters, as the issue asks, and compared with the peak of a large square bf16 (and fp32)
+matmul measured here. 6N leaves out attention, whose cost per token grows with the sequence length, so the
+script also reports the share with causal attention counted (6 x layers x width x T per token of a sequence
+of length T: PaLM's 12 x layers x width x T, halved for the causal mask). This script must never be imported
+by the package or the tests.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
 import tempfile
 import time
 
@@ -69,16 +69,16 @@ def plans(data: dict, steps: int) -> dict[str, tuple[list, list[list[list[int]]]
     for idx in _epoch_batches([1] * len(per_turn), cfg.batch_size, seed=0)[:steps + 1]:
         order = sorted(idx, key=lambda i: len(per_turn[i][0]))
         no_pack.append(_batches(per_turn, order, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.max_padding))
-    order = list(range(len(per_turn)))
-    random.Random(0).shuffle(order)
-    random4 = [[order[k:k + 4] for k in range(s, s + 16, 4)] for s in range(0, 16 * (steps + 1), 16)]
     return {"spa sft (packed trajectories)": (packed, spa),
-            "spa sft --no-pack (one sequence per turn)": (per_turn, no_pack),
-            "one sequence per turn, random micro-batches of 4": (per_turn, random4)}
+            "spa sft --no-pack (one sequence per turn)": (per_turn, no_pack)}
 
 
-def throughput(model, data, plan: list[list[list[int]]], autocast: bool, pad: int) -> tuple[float, float]:
-    """(tokens/s, padding share) over the plan's optimizer steps after the first (warm-up)."""
+def throughput(model, data, plan: list[list[list[int]]], autocast: bool, pad: int) -> tuple[float, float, float]:
+    """(tokens/s, padding share, causal attention FLOPs per token) over the plan's optimizer steps after the
+    first (warm-up)."""
+    cfg = model.config
+    attention = sum(6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * len(data[i][0]) ** 2
+                    for micro in plan[1:] for idx in micro for i in idx)
     from spa_rl.sft import _collate, token_nll_sum
 
     model.train()
@@ -104,7 +104,7 @@ def throughput(model, data, plan: list[list[list[int]]], autocast: bool, pad: in
     for micro in plan[1:]:
         t, p = step(micro)
         tokens, padded = tokens + t, padded + p
-    return tokens / (time.perf_counter() - t0), 1 - tokens / padded
+    return tokens / (time.perf_counter() - t0), 1 - tokens / padded, attention / tokens
 
 
 def main() -> None:
@@ -126,10 +126,11 @@ def main() -> None:
         if not name.startswith("spa sft ("):
             precisions = precisions[:1]
         for precision, autocast in precisions:
-            tps, pad_share = throughput(lm.model, seqs, plan, autocast, lm.tokenizer.pad_token_id)
+            tps, pad_share, attention = throughput(lm.model, seqs, plan, autocast, lm.tokenizer.pad_token_id)
             flops = 6 * params * tps
             print(f"{name}, {precision}: {tps:6.1f} tokens/s ({pad_share:.0%} padding) = {flops / 1e9:5.1f} GFLOP/s "
-                  f"= {flops / peak_bf16:.1%} of the bf16 peak ({flops / peak_fp32:.1%} of the fp32 peak)", flush=True)
+                  f"= {flops / peak_bf16:.1%} of the bf16 peak ({flops / peak_fp32:.1%} of the fp32 peak); "
+                  f"with attention {(flops + attention * tps) / peak_bf16:.1%} of the bf16 peak", flush=True)
 
 
 if __name__ == "__main__":
