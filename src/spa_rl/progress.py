@@ -26,12 +26,15 @@ _console = Console(stderr=True)
 
 
 class RateColumn(ProgressColumn):
-    """`12.3 episodes/s`, with the unit taken from the task's `unit` field."""
+    """`12.3 episodes/s`, or `19.8 s/step` when slower than one unit per second (a training step on CPU), with
+    the unit taken from the task's `unit` field (plural; a trailing `s` is dropped for the per-unit form)."""
 
     def render(self, task: Task) -> Text:
         unit = task.fields.get("unit", "it")
-        if task.speed is None:
+        if not task.speed:
             return Text(f"? {unit}/s", style="progress.data.speed")
+        if task.speed < 1:
+            return Text(f"{1 / task.speed:,.1f} s/{unit.removesuffix('s')}", style="progress.data.speed")
         return Text(f"{task.speed:,.1f} {unit}/s", style="progress.data.speed")
 
 
