@@ -2,6 +2,7 @@
 
     python scripts/results_table.py runs/zeroshot
     python scripts/results_table.py runs/wm --world-model     # world-model columns only
+    python scripts/results_table.py runs/wm --changed         # state-changing turns: grid and coordinates apart
 
 Used to write docs/results.md from runs anyone can repeat; it only reads files. Runs evaluated before a metric
 existed get their world-model metrics recomputed from `trajectories.jsonl` (the same function `spa eval` uses).
@@ -29,11 +30,39 @@ def _with_world_model(path: Path, m: dict) -> dict:
         return m
     from spa_rl.evaluation import world_model_metrics
 
-    turns = []
-    for line in (path.parent / "trajectories.jsonl").read_text(encoding="utf-8").split("\n"):
-        for t in [] if not line.strip() else json.loads(line)["turns"]:
-            turns.append((t["parsed"]["observation"], t["parsed"]["prediction"], t["state_before"], t["state_after"]))
+    turns = [(t["parsed"]["observation"], t["parsed"]["prediction"], t["state_before"], t["state_after"])
+             for t in _turns(path.parent)]
     return {**m, **world_model_metrics(turns)}
+
+
+def _turns(run: Path) -> list[dict]:
+    out = []
+    for line in (run / "trajectories.jsonl").read_text(encoding="utf-8").split("\n"):
+        out += [] if not line.strip() else json.loads(line)["turns"]
+    return out
+
+
+def changed(root: str) -> None:
+    """Per run, the turns whose actions changed the state: how often the predicted grid is the unchanged one,
+    exactly the new one, and how often the coordinate lines (grid+coords render; lines with parentheses)
+    are right."""
+
+    def grid(text: str | None) -> list[str]:
+        return [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip() and "(" not in ln]
+
+    def coords(text: str | None) -> list[str]:
+        return [ln.strip() for ln in (text or "").strip().splitlines() if "(" in ln]
+
+    print("| run | state-changing turns | grid left unchanged | grid exactly right | coordinate line right |")
+    print("|---|---:|---:|---:|---:|")
+    for path in sorted(Path(root).rglob("trajectories.jsonl")):
+        turns = [t for t in _turns(path.parent) if t["state_before"] != t["state_after"]]
+        if not turns:
+            continue
+        counts = [sum(grid(t["parsed"]["prediction"]) == grid(t["state_before"]) for t in turns),
+                  sum(grid(t["parsed"]["prediction"]) == grid(t["state_after"]) for t in turns),
+                  sum(coords(t["parsed"]["prediction"]) == coords(t["state_after"]) for t in turns)]
+        print(f"| {path.parent} | {len(turns)} | " + " | ".join(f"{c} ({c / len(turns):.0%})" for c in counts) + " |")
 
 
 def main(root: str, world_model: bool = False) -> None:
@@ -59,5 +88,8 @@ def main(root: str, world_model: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--world-model"]
-    main(args[0] if args else "runs", world_model="--world-model" in sys.argv)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if "--changed" in sys.argv:
+        changed(args[0] if args else "runs")
+    else:
+        main(args[0] if args else "runs", world_model="--world-model" in sys.argv)
