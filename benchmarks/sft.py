@@ -2,6 +2,7 @@
 matrix-multiply peak of this machine, in the same run.
 
     python benchmarks/sft.py [--steps 3]
+    python benchmarks/sft.py --profile      # where one step of the default goes (torch.profiler), nothing else
 
 The training step is the one `spa sft` runs (`spa_rl.sft.token_nll_sum`, AdamW, gradient clipping) on real
 self-play data: random-policy Sokoban episodes (the cold-start data of `scripts/world_model.sh`), world-model
@@ -110,6 +111,8 @@ def throughput(model, data, plan: list[list[list[int]]], autocast: bool, pad: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration (default 3)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile one optimizer step of spa sft's default (bf16) and print the top operations")
     args = parser.parse_args()
     from spa_rl.models import load_model
 
@@ -121,6 +124,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; SmolLM2-135M ({params / 1e6:.1f}M parameters); {rows} Sokoban turns "
           f"of random self-play in {len(data['packed'])} trajectories; {args.steps} timed steps of 16 turns")
     print(f"matmul peak (2048^3): bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        seqs, plan = plans(data, 1)["spa sft (packed trajectories)"]
+        throughput(lm.model, seqs, [plan[0], plan[0]], True, lm.tokenizer.pad_token_id)  # warm-up
+        print("profiled step, sequence lengths per micro-batch:", [[len(seqs[i][0]) for i in m] for m in plan[1]])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            throughput(lm.model, seqs, [plan[1], plan[1]], True, lm.tokenizer.pad_token_id)  # the same step twice
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        return
     for name, (seqs, plan) in plans(data, args.steps).items():
         precisions = (("bf16 autocast", True), ("fp32", False))
         if not name.startswith("spa sft ("):
