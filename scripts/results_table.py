@@ -44,8 +44,8 @@ def _turns(run: Path) -> list[dict]:
 
 def changed(root: str) -> None:
     """Per run, the turns whose actions changed the state: how often the predicted grid is the unchanged one,
-    exactly the new one, and how often the coordinate lines (grid+coords render; lines with parentheses)
-    are right."""
+    exactly the new one, and how often the coordinate lines (lines with parentheses) are right. Meant for the
+    grid+coords render: with no grid lines every turn would count as both unchanged and right."""
 
     def grid(text: str | None) -> list[str]:
         return [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip() and "(" not in ln]

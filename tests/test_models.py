@@ -75,3 +75,22 @@ def test_next_token_logits_of_a_padded_batch_equal_each_sequence_alone(tokenizer
         got_left = next_token_logits(model, left, lmask, last)
     last_of_each = torch.tensor([7, 7 + 3, 7 + 3 + 6])
     torch.testing.assert_close(got_left, want[last_of_each], atol=1e-4, rtol=1e-4)
+
+
+def test_next_token_logits_keep_the_logit_scaling_of_families_that_apply_one(tokenizer):
+    """Gemma2 soft-caps its logits in `forward`: the result must be the model's own logits, not lm_head(hidden)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5,
+                          pad_token_id=tokenizer.pad_token_id)
+    model = Gemma2ForCausalLM(config).eval()
+    ids = torch.randint(5, 1000, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    keep = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    with torch.no_grad():
+        got = next_token_logits(model, ids, mask, keep)
+        want = torch.cat([model(input_ids=ids[:1]).logits[0, :-1], model(input_ids=ids[1:, :4]).logits[0, :-1]])
+    assert got.abs().max() <= 0.5
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -201,24 +201,30 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     return LoadedModel(model, tokenizer, name, path, dev, torch_dtype)
 
 
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+"""Model families whose logits are exactly `lm_head(decoder(...))`. Others (Gemma2's soft-capping, Cohere's
+`logit_scale`, Granite's `logits_scaling`, remote code) rescale logits in `forward`, so `next_token_logits`
+runs their full forward instead of projecting only the kept positions."""
+
+
 def next_token_logits(model: Any, input_ids: Any, attention_mask: Any, keep: Any) -> Any:
     """Logits predicting token t+1 at each position t where `keep` ([batch, length - 1] bool) is set, in
     row-major order; the one forward pass that SFT losses and novelty scores share.
 
-    The output projection runs on the kept positions only (a 49k vocabulary makes full logits the largest
-    tensor of a training step); models without a separable decoder and head fall back to full logits.
+    For the families in `PLAIN_HEAD_MODEL_TYPES` the output projection runs on the kept positions only (a 49k
+    vocabulary makes full logits the largest tensor of a training step); other models compute full logits.
     Right-padded batches are passed without their mask: causal attention never lets a real token see the
     padding after it, and an absent mask lets the attention kernels take their causal path, which skips the
-    masked half of the work (up to 1.5x faster on long sequences, docs/benchmarks.md). Outputs at padding
+    masked half of the work (docs/benchmarks.md has the throughput before and after). Outputs at padding
     positions are then meaningless, so `keep` must not select them.
     """
     right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
     mask = None if right_padded else attention_mask
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
+    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+    base = model.get_base_model() if hasattr(model, "get_base_model") and not prompt_learning else model
+    decoder = head = None
+    if getattr(getattr(base, "config", None), "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
         decoder, head = base.get_decoder(), base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        decoder = head = None
     if decoder is None or head is None:
         return model(input_ids=input_ids, attention_mask=mask).logits[:, :-1][keep]
     hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
