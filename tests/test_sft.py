@@ -13,11 +13,11 @@ from conftest import build_tiny_model
 
 from spa_rl.cli import main
 from spa_rl.errors import SpaError
+from spa_rl.models import right_padded_batch
 from spa_rl.selfplay import collect
 from spa_rl.sft import (
     SFTConfig,
     _batches,
-    _collate,
     _epoch_batches,
     encode_conversation,
     encode_sample,
@@ -174,8 +174,8 @@ def test_packed_trajectories_give_the_same_loss_terms_as_one_row_per_turn(tokeni
         assert sum(map(sum, (m for _, m in per_row))) == sum(map(sum, (m for _, m in per_traj)))
         assert sum(len(x) for x, _ in per_traj) < 0.6 * sum(len(x) for x, _ in per_row)
         with torch.no_grad():
-            a = sum(float(token_nll_sum(model, _collate(per_row, [i], 0))[0]) for i in range(len(per_row)))
-            b = sum(float(token_nll_sum(model, _collate(per_traj, [i], 0))[0]) for i in range(len(per_traj)))
+            a = sum(float(token_nll_sum(model, right_padded_batch([per_row[i]], 0))[0]) for i in range(len(per_row)))
+            b = sum(float(token_nll_sum(model, right_padded_batch([per_traj[i]], 0))[0]) for i in range(len(per_traj)))
         assert a == pytest.approx(b, rel=1e-4)
 
 

@@ -207,6 +207,22 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"
 runs their full forward instead of projecting only the kept positions."""
 
 
+def right_padded_batch(samples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
+    """(token ids, loss mask) pairs as one right-padded batch: `input_ids`, `attention_mask` and `labels` (the
+    token where its mask is set, -100 elsewhere), ready for `next_token_logits`."""
+    import torch
+
+    width = max(len(x) for x, _ in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(samples), width), dtype=torch.long)
+    labels = torch.full((len(samples), width), -100, dtype=torch.long)
+    for r, (x, m) in enumerate(samples):
+        ids[r, :len(x)] = torch.tensor(x)
+        attn[r, :len(x)] = 1
+        labels[r, :len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), -100)
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
 def next_token_logits(model: Any, input_ids: Any, attention_mask: Any, keep: Any) -> Any:
     """Logits predicting token t+1 at each position t where `keep` ([batch, length - 1] bool) is set, in
     row-major order; the one forward pass that SFT losses and novelty scores share.

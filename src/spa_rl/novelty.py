@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from spa_rl.errors import SpaError
-from spa_rl.models import next_token_logits
+from spa_rl.models import next_token_logits, right_padded_batch
 
 
 @dataclass(frozen=True)
@@ -51,27 +51,22 @@ def score_states(model: Any, tokenizer: Any, items: Sequence[StateText], batch_s
     scores: list[float] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        encoded, spans = [], []
+        samples, counts = [], []
         for it in chunk:
             text = it.context + it.state
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             lo, hi = len(it.context), len(text)
-            idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a >= lo and b <= hi and b > a]
-            if not idx or idx[0] == 0:
+            own = [a >= lo and b <= hi and b > a for a, b in enc["offset_mapping"]]  # the state's own tokens
+            if not any(own) or own[0]:
                 raise SpaError("a state has no tokens of its own after its context")
-            encoded.append(enc["input_ids"])
-            spans.append(idx)
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        keep = torch.zeros((len(chunk), width - 1), dtype=torch.bool)
-        for r, (e, idx) in enumerate(zip(encoded, spans, strict=True)):
-            ids[r, :len(e)] = torch.tensor(e)
-            mask[r, :len(e)] = 1
-            keep[r, [i - 1 for i in idx]] = True  # the position before each state token predicts it
-        logp = torch.log_softmax(next_token_logits(model, ids.to(device), mask.to(device), keep.to(device)).float(), -1)
-        nll = -logp.gather(-1, ids[:, 1:][keep].to(logp.device)[:, None])[:, 0].cpu()
-        scores.extend(float(part.mean()) for part in nll.split([len(idx) for idx in spans]))
+            samples.append((enc["input_ids"], own))
+            counts.append(sum(own))
+        batch = right_padded_batch(samples, tokenizer.pad_token_id)
+        labels = batch["labels"][:, 1:].to(device)
+        keep = labels != -100  # the position before each state token predicts it
+        logits = next_token_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), keep)
+        nll = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="none").cpu()
+        scores.extend(float(part.mean()) for part in nll.split(counts))
     return scores
 
 

@@ -31,7 +31,7 @@ import torch
 
 from spa_rl.errors import SpaError
 from spa_rl.generation import stop_token_ids
-from spa_rl.models import next_token_logits
+from spa_rl.models import next_token_logits, right_padded_batch
 from spa_rl.selfplay import read_jsonl
 
 LOSSES = ("full", "masked")
@@ -68,9 +68,8 @@ class SFTConfig:
     are long, and four 2,000-token sequences in one pass took 20 GB here."""
     max_padding: float = 0.1
     """A micro-batch takes another sequence only while padding stays at most this share of its tokens. Padding
-    costs more than its share: a padded batch needs an explicit attention mask, which takes the attention
-    kernels off their causal fast path (here one sequence per turn trained at 263 tokens/s in random
-    micro-batches of 4 with 25% padding, and at 362 with this cap; docs/benchmarks.md)."""
+    is computed and thrown away (one sequence per turn trained at 263 tokens/s in random micro-batches of 4 with
+    25% padding, and at 362 with this cap, before masks were dropped; docs/benchmarks.md)."""
     max_length: int = 2048
     """Samples longer than this (in tokens) are dropped and counted."""
     max_train_samples: int = 0
@@ -244,19 +243,6 @@ def _batches(samples: list[tuple[list[int], list[int]]], order: list[int], size:
     return out
 
 
-def _collate(samples: list[tuple[list[int], list[int]]], idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(samples[i][0]) for i in idx)
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(idx), width), dtype=torch.long)
-    labels = torch.full((len(idx), width), -100, dtype=torch.long)
-    for r, i in enumerate(idx):
-        x, m = samples[i]
-        ids[r, :len(x)] = torch.tensor(x)
-        attn[r, :len(x)] = 1
-        labels[r, :len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), -100)
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
-
-
 def token_nll_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over the batch's loss tokens, and their count (`models.next_token_logits`
     applies the output projection to the loss positions only)."""
@@ -394,7 +380,8 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
         with torch.no_grad():
             for idx in _batches(val, sorted(range(len(val)), key=lambda i: len(val[i][0])), config.micro_batch_size,
                                 config.micro_batch_tokens, config.max_padding):
-                batch = {k: v.to(accelerator.device) for k, v in _collate(val, idx, pad_id).items()}
+                batch = right_padded_batch([val[i] for i in idx], pad_id)
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
                     nll, n = token_nll_sum(model, batch)
                 total += float(nll)
@@ -428,7 +415,8 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
                 n_tokens = sum(sum(train[i][1][1:]) for i in idx)
                 total_nll = 0.0
                 for m in micro:
-                    batch = {k: v.to(accelerator.device) for k, v in _collate(train, m, pad_id).items()}
+                    batch = right_padded_batch([train[i] for i in m], pad_id)
+                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                     with accelerator.autocast():
                         nll, _ = token_nll_sum(model, batch)
                     accelerator.backward(nll / max(n_tokens, 1))
