@@ -7,7 +7,7 @@ import torch
 from conftest import build_tiny_model
 
 from spa_rl.errors import SpaError
-from spa_rl.generation import KVCacheBackend, SamplingConfig, make_backend, sample_next
+from spa_rl.generation import KVCacheBackend, SamplingConfig, make_backend, sample_next, sample_weighted
 
 
 def _fresh_logprobs(model, prompt, response, temperature):
@@ -62,6 +62,24 @@ def test_same_seed_same_samples(tokenizer):
     runs = [gen.generate([[1, 2, 3], [4, 5]], SamplingConfig(max_new_tokens=6), torch.Generator().manual_seed(3))
             for _ in range(2)]
     assert [o.token_ids for o in runs[0]] == [o.token_ids for o in runs[1]]
+
+
+def test_two_level_sampling_draws_in_proportion_and_never_a_zero_weight():
+    """Vocabulary not a multiple of the block, zero-weight columns and whole zero blocks, a lone positive
+    weight in the padded last block: frequencies follow the weights and no zero-weight index comes out."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(37, generator=g) ** 3
+    w[8:16] = 0.0  # a whole block of zeros
+    w[[0, 20, 36]] = 0.0
+    n = 40_000
+    tok = sample_weighted(w.repeat(n, 1), g, block=8)
+    freq = torch.bincount(tok, minlength=37).float() / n
+    assert tok.max() < 37 and (freq[w == 0] == 0).all()
+    assert torch.allclose(freq, w / w.sum(), atol=0.01)
+    lone = torch.zeros(5, 37)
+    lone[:, 35] = 1e-30  # tiny but positive
+    assert sample_weighted(lone, g, block=8).tolist() == [35] * 5
+    assert sample_weighted(torch.tensor([[0.0, 2.0]]).repeat(100, 1), g, block=256).tolist() == [1] * 100
 
 
 def test_sampling_filters():
@@ -124,6 +142,44 @@ def test_lean_decoder_matches_the_model_forward(tokenizer, family):
         for g, r in zip(got, ref, strict=True):
             assert g.token_ids == r.token_ids
             assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(r.logprobs), atol=1e-4)
+
+
+def test_lean_decoder_groups_of_copies_match_a_fresh_forward_pass(tokenizer, monkeypatch):
+    """Rows that are copies of one prompt attend their prompt's columns once per group (the second cascade
+    level): sampled log-probs equal a fresh forward pass, both while the groups are whole and after rows leave
+    the batch at different times (a sparse group layout)."""
+    from spa_rl import lean_decode
+
+    model = build_tiny_model(tokenizer, seed=5)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40.0)
+            layer.self_attn.k_proj.weight.mul_(40.0)
+    layouts = []
+    real_of = lean_decode.RowGroups.of
+
+    def spy(*args, **kwargs):
+        layouts.append(real_of(*args, **kwargs))
+        return layouts[-1]
+
+    monkeypatch.setattr(lean_decode.RowGroups, "of", spy)
+    backend = KVCacheBackend(model, tokenizer)
+    backend.stop_ids = list(range(3, len(tokenizer), 12))  # ~8% per token: rows end at different steps
+    shared = list(range(100, 130))
+    prompts = [shared + [7, 8, 9]] * 3 + [shared + [5]] * 3 + [shared + [6, 4, 2, 1]] * 2
+    outs = backend.generate(prompts, SamplingConfig(max_new_tokens=24), torch.Generator().manual_seed(0))
+    assert layouts and layouts[0].dense is False  # groups of 3, 3, 2
+    assert any(not g.dense and g.index.numel() < len(prompts) for g in layouts)
+    for prompt, out in zip(prompts, outs, strict=True):
+        fresh = _fresh_logprobs(model, prompt, out.token_ids, 1.0)
+        assert torch.allclose(torch.tensor(out.logprobs), fresh, atol=2e-4)
+    layouts.clear()
+    even = [shared + [7, 8, 9]] * 3 + [shared + [5]] * 3
+    outs = backend.generate(even, SamplingConfig(max_new_tokens=24), torch.Generator().manual_seed(1))
+    assert layouts[0].dense
+    for prompt, out in zip(even, outs, strict=True):
+        fresh = _fresh_logprobs(model, prompt, out.token_ids, 1.0)
+        assert torch.allclose(torch.tensor(out.logprobs), fresh, atol=2e-4)
 
 
 def test_lean_decoder_follows_weight_updates_and_declines_unknown_models(tokenizer):

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from spa_rl.lean_decode import LeanDecoder
+from spa_rl.lean_decode import LeanDecoder, RowGroups
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,8 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig,
         chosen = logits.gather(1, tokens[:, None]).squeeze(1)
         return tokens, chosen - torch.logsumexp(logits, dim=-1)
     scaled = logits / config.temperature if config.temperature != 1.0 else logits
-    peak = scaled.max(dim=-1, keepdim=True).values
-    weights = (scaled - peak).exp_()  # unnormalised probabilities
-    log_total = weights.sum(dim=-1).log()
+    probs = torch.softmax(scaled, dim=-1)  # one fused pass (max, exp and sum as separate ops take ~2x longer)
+    weights = probs
     if config.top_k and config.top_k < weights.shape[-1]:
         kth = torch.topk(weights, config.top_k, dim=-1).values[:, -1:]
         weights = weights.masked_fill(weights < kth, 0.0)
@@ -100,12 +99,30 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig,
         cum = sorted_w.cumsum(dim=-1)
         drop = (cum - sorted_w) > config.top_p * cum[:, -1:]
         weights = weights.scatter(1, order, sorted_w.masked_fill(drop, 0.0))
-    # inverse-CDF sampling: one cumsum and a binary search (torch.multinomial is ~10x slower on CPU here)
-    cdf = weights.cumsum(dim=-1)
-    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-    chosen = scaled.gather(1, tokens[:, None]).squeeze(1)
-    return tokens, chosen - peak.squeeze(1) - log_total
+    tokens = sample_weighted(weights, generator)
+    return tokens, probs.gather(1, tokens[:, None]).squeeze(1).log()  # never log(0): zero weights are not drawn
+
+
+def sample_weighted(weights: torch.Tensor, generator: torch.Generator | None, block: int = 256) -> torch.Tensor:
+    """One index per row of `weights` [B, V] (non-negative, each row with some positive weight), drawn with
+    probability proportional to its weight: inverse-CDF sampling in two levels (pick a block of `block`
+    columns from the block sums, then a column inside it), so only one block per row needs a cumulative sum.
+    Measured here at B=32, V=49,152: ~4x faster than one cumsum over the row, which is itself ~10x faster than
+    `torch.multinomial` on CPU. An index of zero weight is never returned."""
+    b, v = weights.shape
+    if v % block:
+        weights = torch.nn.functional.pad(weights, (0, block - v % block))
+    blocks = weights.view(b, -1, block)
+    cdf = blocks.sum(-1).cumsum(-1)  # [B, blocks]
+    total = cdf[:, -1:]
+    # u < total strictly, so the chosen block (cdf jumps above u there) has positive mass
+    u = torch.minimum(torch.rand((b, 1), generator=generator, device=weights.device) * total, total * (1 - 2**-20))
+    bi = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
+    before = torch.where(bi > 0, cdf.gather(1, (bi - 1).clamp(min=0)), torch.zeros_like(u))
+    inner = blocks[torch.arange(b, device=weights.device), bi[:, 0]].cumsum(-1)  # [B, block]
+    r = torch.minimum((u - before).clamp_(min=0), inner[:, -1:] * (1 - 2**-20))
+    ti = torch.searchsorted(inner, r, right=True).clamp_(max=block - 1)
+    return (bi * block + ti).squeeze(1)
 
 
 def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -234,7 +251,9 @@ class KVCacheBackend:
 
     def _prefill(self, prompts: list[list[int]], max_new_tokens: int, device: Any) -> tuple:
         """Fresh prefill with sharing. Returns (cache, mask [n, width + max_new], last logits [n, V],
-        position of each row's last prompt token [n], number of leading columns every row shares)."""
+        position of each row's last prompt token [n], number of leading columns every row shares, and for rows
+        that are copies of one prompt: (each row's prompt index, number of prompts, columns they share after
+        the leading ones), else None)."""
         unique: dict[tuple[int, ...], int] = {}
         row_of = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
         uniq = [list(p) for p in unique]
@@ -262,8 +281,8 @@ class KVCacheBackend:
             index = torch.tensor(row_of, dtype=torch.long, device=device)
             if not self._select_rows(cache, index):
                 raise RuntimeError("cannot duplicate rows of this KV cache")
-            return cache, mask[index], logits[index], last[index], common
-        return cache, mask, logits, last, common
+            return cache, mask[index], logits[index], last[index], common, (row_of, u, width - common)
+        return cache, mask, logits, last, common, None
 
     def _match(self, prompts: list[list[int]]) -> list[int]:
         """For each prompt, the stored row whose tokens it continues (-1 if none)."""
@@ -313,7 +332,7 @@ class KVCacheBackend:
         if all(r >= 0 for r in rows):
             shared = _common_prefix(prompts, min(len(st.seqs[r]) for r in rows))
         self._stored = None  # its memory is not needed any more
-        return cache, mask, self._forward(ids, mask, positions, cache, old), positions[:, -1], shared
+        return cache, mask, self._forward(ids, mask, positions, cache, old), positions[:, -1], shared, None
 
     def _store(self, prompts: list[list[int]], tokens: list[list[int]], cache: Any, rows: list[int],
                parked: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor]],
@@ -357,11 +376,11 @@ class KVCacheBackend:
         device = next(self.model.parameters()).device
         rows_in_store = self._match(prompts) if self.reuse else [-1] * len(prompts)
         if any(r >= 0 for r in rows_in_store):
-            cache, mask, logits, last, shared = self._prefill_continue(prompts, rows_in_store,
-                                                                       config.max_new_tokens, device)
+            cache, mask, logits, last, shared, copies = self._prefill_continue(prompts, rows_in_store,
+                                                                               config.max_new_tokens, device)
         else:
             self._stored = None
-            cache, mask, logits, last, shared = self._prefill(prompts, config.max_new_tokens, device)
+            cache, mask, logits, last, shared, copies = self._prefill(prompts, config.max_new_tokens, device)
         prompt_last = last.clone()
         width = mask.shape[1] - config.max_new_tokens
         stop = torch.tensor(self.stop_ids, device=device)
@@ -374,7 +393,8 @@ class KVCacheBackend:
         next_pos = last + 1
         used = width
         mask4: torch.Tensor | None = None
-        lean = self._lean is not None and not self.model.training and self._lean.prepare()
+        lean = self._lean is not None and not self.model.training and self._lean.prepare(n)
+        groups: RowGroups | None = None  # rows that are copies of one prompt, for the lean step
         for step in range(config.max_new_tokens):
             tok, lp = sample_next(logits, config, generator)
             done_now = torch.isin(tok, stop)
@@ -398,6 +418,7 @@ class KVCacheBackend:
                 if self._select_rows(cache, keep):
                     mask, tok, next_pos = mask[keep], tok[keep], next_pos[keep]
                     rows = [rows[r] for r in alive]
+                    groups = None
                 elif self.reuse:
                     parked.pop()
             col = width + step
@@ -409,7 +430,9 @@ class KVCacheBackend:
             # a ready 4D mask skips the model's mask construction at every step; cut at the last used column, it
             # also keeps decode_attention from reading the unused end of the static cache
             if lean:
-                logits = self._lean.step(tok, next_pos, cache, col, mask4[:, 0, 0], prefix=shared)
+                if groups is None and copies is not None:
+                    groups = RowGroups.of([copies[0][i] for i in rows], copies[2], copies[1], device)
+                logits = self._lean.step(tok, next_pos, cache, col, mask4[:, 0, 0], prefix=shared, groups=groups)
             else:
                 step_mask = mask4[..., :used] if self._narrow_mask else mask4
                 out = self.model(input_ids=tok[:, None], attention_mask=step_mask,
@@ -418,6 +441,7 @@ class KVCacheBackend:
                 logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
         if lean:  # the lean step writes the cache directly: set its length counters
+            self._lean.release()
             for layer in cache.layers:
                 layer.cumulative_length.fill_(used)
         if self.reuse:
