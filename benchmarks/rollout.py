@@ -1,6 +1,7 @@
 """Benchmark: generation speed of the rollout engine against Hugging Face `generate`, same model, same run.
 
     python benchmarks/rollout.py [--new-tokens 128] [--rounds 2]
+    python benchmarks/rollout.py --profile     # where one grouped engine call goes (torch.profiler), nothing else
 
 Workload: the embedded SmolLM2-135M (bf16 where supported) on 32 concurrent first-turn Sokoban prompts,
 sampled at temperature 1.0. Two prompt sets: "grouped", 4 puzzles x 8 samples (how the engine runs SPA: groups
@@ -89,6 +90,27 @@ def worker(phase: str, kind: str, new_tokens: int) -> dict:
     return result
 
 
+def profile_engine(new_tokens: int) -> None:
+    """torch.profiler over one `kv` call on the grouped prompts (after a warm-up call), top operations by time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from spa_rl.generation import SamplingConfig, make_backend
+    from spa_rl.models import load_model
+
+    lm = load_model()
+    prompts = _prompts(lm.tokenizer, "grouped")
+    backend = make_backend("kv", lm.model, lm.tokenizer)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
+    backend.generate(prompts, sampling, torch.Generator().manual_seed(0))
+    backend.reset()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        gens = backend.generate(prompts, sampling, torch.Generator().manual_seed(0))
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}; one engine call, 32 grouped prompts, "
+          f"{sum(len(g.token_ids) for g in gens)} tokens generated")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def bandwidth_gbs() -> float:
     """Memory bandwidth from copying a 1 GiB tensor (read + write), best of 5."""
     import torch
@@ -129,10 +151,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per response (default 128)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per pair (default 2)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile one engine call on the grouped prompts and print the top operations")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]))))
+        return
+    if args.profile:
+        profile_engine(args.new_tokens)
         return
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; 32 concurrent Sokoban prompts, {args.new_tokens} new tokens, T=1.0; "

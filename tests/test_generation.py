@@ -118,9 +118,15 @@ def _tiny_qwen2(tokenizer):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_lean_decoder_matches_the_model_forward(tokenizer, family):
-    """The lean decode step (shared-prefix attention, fused weights) gives the model's own log-probs, for prompts
-    with and without a shared prefix, and in a second call that continues the first one's rows."""
+@pytest.mark.parametrize("prepack", [True, False])
+def test_lean_decoder_matches_the_model_forward(tokenizer, family, prepack, monkeypatch):
+    """The lean decode step (shared-prefix attention, fused weights, prepacked or plain) gives the model's own
+    log-probs, for prompts with and without a shared prefix, and in a second call that continues the first
+    one's rows."""
+    from spa_rl.lean_decode import LeanDecoder
+
+    if not prepack:  # what runs where oneDNN cannot prepack (GPUs, other CPUs)
+        monkeypatch.setattr(LeanDecoder, "_can_prepack", staticmethod(lambda weight, batch: False))
     model = build_tiny_model(tokenizer, seed=2) if family == "llama" else _tiny_qwen2(tokenizer)
     with torch.no_grad():  # random init gives near-uniform attention, which would hide attention errors
         for layer in model.model.layers:
@@ -128,6 +134,7 @@ def test_lean_decoder_matches_the_model_forward(tokenizer, family):
             layer.self_attn.k_proj.weight.mul_(40.0)
     lean, plain = KVCacheBackend(model, tokenizer), KVCacheBackend(model, tokenizer, lean=False)
     assert lean._lean is not None and plain._lean is None
+    assert lean._lean.prepare() and lean._lean._packed == (prepack and torch.backends.mkldnn.is_available())
     shared = list(range(100, 140))
     first = [shared + [7, 8, 9], shared + [7], shared + [5, 6, 7, 8, 9, 10], shared + [7, 8, 9]]
     config = SamplingConfig(max_new_tokens=10, temperature=0.0)

@@ -106,9 +106,9 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig,
 def sample_weighted(weights: torch.Tensor, generator: torch.Generator | None, block: int = 256) -> torch.Tensor:
     """One index per row of `weights` [B, V] (non-negative, each row with some positive weight), drawn with
     probability proportional to its weight: inverse-CDF sampling in two levels (pick a block of `block`
-    columns from the block sums, then a column inside it), so only one block per row needs a cumulative sum.
-    Measured here at B=32, V=49,152: ~4x faster than one cumsum over the row, which is itself ~10x faster than
-    `torch.multinomial` on CPU. An index of zero weight is never returned."""
+    columns from the block sums, then a column inside it), so only one block per row needs a cumulative sum
+    (one cumulative sum over whole rows, itself ~10x faster than `torch.multinomial` on CPU, was the slowest
+    part of sampling; `benchmarks/decode_ops.py`). An index of zero weight is never returned."""
     b, v = weights.shape
     if v % block:
         weights = torch.nn.functional.pad(weights, (0, block - v % block))
