@@ -81,10 +81,10 @@ def throughput(model, data, plan: list[list[list[int]]], autocast: bool, pad: in
     attention = sum(6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * len(data[i][0]) ** 2
                     for micro in plan[1:] for idx in micro for i in idx)
     from spa_rl.models import right_padded_batch
-    from spa_rl.sft import token_nll_sum
+    from spa_rl.sft import adamw, token_nll_sum
 
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step(micro: list[list[int]]) -> tuple[int, int]:
         tokens = padded = 0

@@ -283,6 +283,13 @@ def _save_model(model: Any, tokenizer: Any, path: Path, meta: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ training
+def adamw(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW, with PyTorch's fused kernel where it exists (CPU and CUDA): one pass over the parameters instead
+    of a dozen operations per tensor. Same update rule and state layout, so checkpoints resume either way."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
 def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
     """Run (or resume) world-model SFT; return the final metrics."""
     from accelerate import Accelerator
@@ -355,7 +362,7 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
     plans = [_epoch_batches(train_turns, config.batch_size, config.seed + e) for e in range(config.epochs)]
     total_steps = sum(len(p) for p in plans)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = adamw(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = 0
