@@ -2,7 +2,7 @@
 matrix-multiply peak of this machine, in the same run.
 
     python benchmarks/sft.py [--steps 3]
-    python benchmarks/sft.py --profile      # where one step of the default goes (torch.profiler), nothing else
+    python benchmarks/sft.py --profile [no-pack]   # where one step goes (torch.profiler; default: packed), nothing else
 
 The training step is the one `spa sft` runs (`spa_rl.sft.token_nll_sum`, AdamW, gradient clipping) on real
 self-play data: random-policy Sokoban episodes (the cold-start data of `scripts/world_model.sh`), world-model
@@ -112,8 +112,9 @@ def throughput(model, data, plan: list[list[list[int]]], autocast: bool, pad: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration (default 3)")
-    parser.add_argument("--profile", action="store_true",
-                        help="only profile one optimizer step of spa sft's default (bf16) and print the top operations")
+    parser.add_argument("--profile", nargs="?", const="packed", choices=["packed", "no-pack"],
+                        help="only profile one bf16 optimizer step (default: packed trajectories, spa sft's default; "
+                             "no-pack: one sequence per turn) and print the top operations")
     args = parser.parse_args()
     from spa_rl.models import load_model
 
@@ -128,7 +129,9 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        seqs, plan = plans(data, 1)["spa sft (packed trajectories)"]
+        name = "spa sft (packed trajectories)" if args.profile == "packed" else \
+            "spa sft --no-pack (one sequence per turn)"
+        seqs, plan = plans(data, 1)[name]
         throughput(lm.model, seqs, [plan[0], plan[0]], True, lm.tokenizer.pad_token_id)  # warm-up
         print("profiled step, sequence lengths per micro-batch:", [[len(seqs[i][0]) for i in m] for m in plan[1]])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
