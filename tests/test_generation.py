@@ -80,6 +80,9 @@ def test_two_level_sampling_draws_in_proportion_and_never_a_zero_weight():
     lone[:, 35] = 1e-30  # tiny but positive
     assert sample_weighted(lone, g, block=8).tolist() == [35] * 5
     assert sample_weighted(torch.tensor([[0.0, 2.0]]).repeat(100, 1), g, block=256).tolist() == [1] * 100
+    denormal = torch.zeros(500, 600)
+    denormal[:, 3] = 1e-45  # total weight below the normal floats: still an index inside the vocabulary
+    assert sample_weighted(denormal, g).max() < 600
 
 
 def test_sampling_filters():
@@ -154,7 +157,7 @@ def test_lean_decoder_matches_the_model_forward(tokenizer, family, prepack, monk
 def test_lean_decoder_groups_of_copies_match_a_fresh_forward_pass(tokenizer, monkeypatch):
     """Rows that are copies of one prompt attend their prompt's columns once per group (the second cascade
     level): sampled log-probs equal a fresh forward pass, both while the groups are whole and after rows leave
-    the batch at different times (a sparse group layout)."""
+    the batch at different times (a sparse group layout), and in a next turn that continues every row."""
     from spa_rl import lean_decode
 
     model = build_tiny_model(tokenizer, seed=5)
@@ -181,6 +184,14 @@ def test_lean_decoder_groups_of_copies_match_a_fresh_forward_pass(tokenizer, mon
         fresh = _fresh_logprobs(model, prompt, out.token_ids, 1.0)
         assert torch.allclose(torch.tensor(out.logprobs), fresh, atol=2e-4)
     layouts.clear()
+    turn2 = [p + o.token_ids + [11, 12] for p, o in zip(prompts, outs, strict=True)]
+    assert all(r >= 0 for r in backend._match(turn2))  # every row continues its stored cache
+    outs = backend.generate(turn2, SamplingConfig(max_new_tokens=24), torch.Generator().manual_seed(2))
+    for prompt, out in zip(turn2, outs, strict=True):
+        fresh = _fresh_logprobs(model, prompt, out.token_ids, 1.0)
+        assert torch.allclose(torch.tensor(out.logprobs), fresh, atol=2e-4)
+    layouts.clear()
+    backend.reset()
     even = [shared + [7, 8, 9]] * 3 + [shared + [5]] * 3
     outs = backend.generate(even, SamplingConfig(max_new_tokens=24), torch.Generator().manual_seed(1))
     assert layouts[0].dense
@@ -227,3 +238,7 @@ def test_lean_decoder_follows_weight_updates_and_declines_unknown_models(tokeniz
     backend.reset()
     assert backend.generate(prompt, config)[0].token_ids  # falls back to the model's own forward
     assert LeanDecoder.build(torch.nn.Module()) is None
+    from peft import inject_adapter_in_model
+
+    head_lora = inject_adapter_in_model(LoraConfig(r=2, target_modules=["lm_head"]), build_tiny_model(tokenizer))
+    assert not LeanDecoder.supports(head_lora)  # an adapter on the output projection is not bypassed

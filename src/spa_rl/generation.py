@@ -108,7 +108,8 @@ def sample_weighted(weights: torch.Tensor, generator: torch.Generator | None, bl
     probability proportional to its weight: inverse-CDF sampling in two levels (pick a block of `block`
     columns from the block sums, then a column inside it), so only one block per row needs a cumulative sum
     (one cumulative sum over whole rows, itself ~10x faster than `torch.multinomial` on CPU, was the slowest
-    part of sampling; `benchmarks/decode_ops.py`). An index of zero weight is never returned."""
+    part of sampling; `benchmarks/decode_ops.py`). The index is always below V, and never one of zero weight
+    while a row's total weight is a normal float (softmax outputs: total ~1)."""
     b, v = weights.shape
     if v % block:
         weights = torch.nn.functional.pad(weights, (0, block - v % block))
@@ -122,7 +123,7 @@ def sample_weighted(weights: torch.Tensor, generator: torch.Generator | None, bl
     inner = blocks[torch.arange(b, device=weights.device), bi[:, 0]].cumsum(-1)  # [B, block]
     r = torch.minimum((u - before).clamp_(min=0), inner[:, -1:] * (1 - 2**-20))
     ti = torch.searchsorted(inner, r, right=True).clamp_(max=block - 1)
-    return (bi * block + ti).squeeze(1)
+    return (bi * block + ti).squeeze(1).clamp_(max=v - 1)
 
 
 def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -26,8 +26,9 @@ a first Sokoban turn). Its keys and values are identical in every row, so they a
 are read row by row. Groups: SPA samples several responses to each prompt, so rows that are copies of one
 prompt also share the prompt's columns after the global prefix (~140 of ~340 columns of a first Sokoban turn).
 Those are kept once per group (`lean_kg`, `lean_vg`) and attended with one matmul per group and kv head
-(a second cascade level), so a row reads on its own only the tokens it generated. Callers that select rows of
-the cache must select the same rows of `lean_kt` and `lean_v` (or drop them), and of their `RowGroups`.
+(a second cascade level), so a row reads on its own only the tokens it generated.
+Callers that select rows of the cache must select the same rows of `lean_kt` and `lean_v` (or drop them),
+and of their `RowGroups`.
 """
 
 from __future__ import annotations
@@ -114,8 +115,10 @@ class LeanDecoder:
             return False
         inner = getattr(model, "model", None)
         layers = getattr(inner, "layers", None)
-        if layers is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
+        if layers is None or not hasattr(inner, "rotary_emb"):
             return False
+        if type(getattr(model, "lm_head", None)) is not torch.nn.Linear:
+            return False  # e.g. an adapter on the output projection, which the step would bypass
         if any(mod._forward_hooks or mod._forward_pre_hooks or hasattr(mod, "_hf_hook") for mod in model.modules()):
             return False  # hooks (offloading, adapters, instrumentation) would be bypassed
         for layer in layers:

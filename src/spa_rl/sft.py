@@ -286,8 +286,12 @@ def _save_model(model: Any, tokenizer: Any, path: Path, meta: dict) -> None:
 def adamw(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.AdamW:
     """AdamW, with PyTorch's fused kernel where it exists (CPU and CUDA): one pass over the parameters instead
     of a dozen operations per tensor. Same update rule and state layout, so checkpoints resume either way."""
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
-    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+    if all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except RuntimeError:  # PyTorch before 2.4 fuses on CUDA only
+            pass
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
