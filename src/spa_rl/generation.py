@@ -231,7 +231,7 @@ class KVCacheBackend:
             for layer in cache.layers:
                 layer.keys = layer.keys.index_select(0, index)
                 layer.values = layer.values.index_select(0, index)
-                for name in ("lean_kt", "lean_v"):  # the lean decoder's per-row copies, if any
+                for name in ("lean_k", "lean_v"):  # the lean decoder's per-row copies, if any
                     if getattr(layer, name, None) is not None:
                         setattr(layer, name, getattr(layer, name).index_select(0, index))
         except AttributeError:
@@ -363,7 +363,7 @@ class KVCacheBackend:
                     full[torch.tensor(idx, device=device)] = (pk if src is layer.keys else pv)[li][:, :, :used]
                 out.append(torch.gather(full, 2, order[:, None, :, None].expand(n, h, packed_len, d)))
             layer.keys = layer.values = None  # free as we go
-            layer.lean_kp = layer.lean_vp = layer.lean_kt = layer.lean_v = None
+            layer.lean_kp = layer.lean_vp = layer.lean_kg = layer.lean_vg = layer.lean_k = layer.lean_v = None
         packed_mask = (torch.arange(packed_len, device=device)[None, :] < counts[:, None]).to(mask.dtype)
         seqs = [list(p) + t[:-1] for p, t in zip(prompts, tokens, strict=True)]
         index = {(len(sq), hash(tuple(sq))): i for i, sq in enumerate(seqs)}

@@ -15,11 +15,12 @@ exactly (LoRA-wrapped projections, modules with hooks, sliding-window attention,
 projection, other norms): `supports` is checked at every call and the caller keeps the standard forward.
 Its output must match the standard forward to floating-point tolerance (tested in `tests/test_generation.py`).
 
-Layout. The attention's score matmul reads keys as [head_dim, length] matrices. Sliced from the cache's
-[length, head_dim] layout they are transposed and not contiguous, and the CPU bf16 kernel copies them at
-every layer and step (measured: most of a decode step at batch 32). So at its first step a generation call
-builds, per cache layer, contiguous copies in the layout the matmuls want (`lean_kt`, `lean_v`), extended
-column by column; the standard `keys`/`values` stay up to date too, so the cache remains a normal cache.
+Layout. A row's keys and values sliced from the static cache are not contiguous (the cache is wider than
+what is used), and the CPU bf16 matmul copies such operands at every layer and step (measured: most of a
+decode step at batch 32). So at its first step a generation call builds, per cache layer, contiguous copies
+of the rows' keys and values ([length, head_dim] per row and kv head: `lean_k`, `lean_v`; scores are
+computed as keys @ queries^T, which measured faster than queries @ keys^T for long rows), extended token by
+token; the standard `keys`/`values` stay up to date too, so the cache remains a normal cache.
 Shared prefix: rollout prompts share a long prefix (system prompt and instructions, ~300 of ~340 tokens of
 a first Sokoban turn). Its keys and values are identical in every row, so they are kept once (`lean_kp`,
 `lean_vp`) and attended with one matmul for the whole batch (cascade attention); only each row's own columns
@@ -27,7 +28,7 @@ are read row by row. Groups: SPA samples several responses to each prompt, so ro
 prompt also share the prompt's columns after the global prefix (~140 of ~340 columns of a first Sokoban turn).
 Those are kept once per group (`lean_kg`, `lean_vg`) and attended with one matmul per group and kv head
 (a second cascade level), so a row reads on its own only the tokens it generated.
-Callers that select rows of the cache must select the same rows of `lean_kt` and `lean_v` (or drop them),
+Callers that select rows of the cache must select the same rows of `lean_k` and `lean_v` (or drop them),
 and of their `RowGroups`.
 """
 
@@ -212,7 +213,7 @@ class LeanDecoder:
     @staticmethod
     def _layer_state(cl: Any, prefix: int, groups: RowGroups | None) -> tuple[torch.Tensor, ...]:
         """This call's attention layout of one cache layer (built at its first step, see "Layout" above)."""
-        if getattr(cl, "lean_kt", None) is None or cl.lean_kt.shape[0] != cl.keys.shape[0]:
+        if getattr(cl, "lean_k", None) is None or cl.lean_k.shape[0] != cl.keys.shape[0]:
             end = prefix + (groups.cols if groups is not None else 0)
             cl.lean_kp = cl.keys[0, :, :prefix].transpose(-1, -2).contiguous()  # [nkv, hd, P]
             cl.lean_vp = cl.values[0, :, :prefix].contiguous()  # [nkv, P, hd]
@@ -222,9 +223,9 @@ class LeanDecoder:
                 rep = torch.tensor([first.get(g, 0) for g in range(groups.count)], device=cl.keys.device)
                 cl.lean_kg = cl.keys[rep, :, prefix:end].transpose(-1, -2).contiguous()  # [U, nkv, hd, G]
                 cl.lean_vg = cl.values[rep, :, prefix:end].contiguous()  # [U, nkv, G, hd]
-            cl.lean_kt = cl.keys[:, :, end:].transpose(-1, -2).contiguous()  # [B, nkv, hd, W - end]
+            cl.lean_k = cl.keys[:, :, end:].contiguous()  # [B, nkv, W - end, hd]
             cl.lean_v = cl.values[:, :, end:].contiguous()  # [B, nkv, W - end, hd]
-        return cl.lean_kp, cl.lean_vp, cl.lean_kg, cl.lean_vg, cl.lean_kt, cl.lean_v
+        return cl.lean_kp, cl.lean_vp, cl.lean_kg, cl.lean_vg, cl.lean_k, cl.lean_v
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Any, col: int,
@@ -263,12 +264,13 @@ class LeanDecoder:
             q, k = (qk[:, :nh] * scaling).reshape(b, nkv, group, hd), qk[:, nh:]
             cl.keys[:, :, col] = k  # the standard cache stays complete for the caller
             cl.values[:, :, col] = v
-            kp, vp, kg, vg, kt, vs = self._layer_state(cl, prefix, groups)
-            kt[:, :, :, col - end] = k
+            kp, vp, kg, vg, ks, vs = self._layer_state(cl, prefix, groups)
+            ks[:, :, col - end] = k
             vs[:, :, col - end] = v
-            w = kt.shape[-1]
+            w = ks.shape[2]
             # each row's own columns: [B * nkv, hd, W - end] @ ... as contiguous matrices (see "Layout")
-            scores = torch.bmm(q.reshape(b * nkv, group, hd), kt.view(b * nkv, hd, w)).view(b, nkv, group, w)
+            scores = torch.bmm(ks.view(b * nkv, w, hd), q.reshape(b * nkv, group, hd).transpose(1, 2))
+            scores = scores.transpose(1, 2).view(b, nkv, group, w)
             if groups is not None:  # a group's columns: one [rows * group, hd] @ [hd, G] matmul per group, kv head
                 grp = torch.bmm(groups.gather(q), kg.view(-1, hd, groups.cols))
                 scores = torch.cat([groups.scatter(grp, nkv), scores], -1)
