@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from spa_rl.lean_decode import LeanDecoder, RowGroups
+from spa_rl.lean_decode import LeanDecoder, RowGroups, cache_rows
 
 
 @dataclass(frozen=True)
@@ -229,8 +229,9 @@ class KVCacheBackend:
         """Keep/duplicate the cache's batch rows `index` (False if the cache layout is unknown)."""
         try:
             for layer in cache.layers:
-                layer.keys = layer.keys.index_select(0, index)
-                layer.values = layer.values.index_select(0, index)
+                if layer.keys is not None:  # (None: the lean decoder's copies hold the layer)
+                    layer.keys = layer.keys.index_select(0, index)
+                    layer.values = layer.values.index_select(0, index)
                 for name in ("lean_k", "lean_v"):  # the lean decoder's per-row copies, if any
                     if getattr(layer, name, None) is not None:
                         setattr(layer, name, getattr(layer, name).index_select(0, index))
@@ -315,11 +316,11 @@ class KVCacheBackend:
         ids, smask = _left_pad(suffixes, self.pad_id, device)
         width = old + ids.shape[1]
         cache = self._new_cache(width + max_new_tokens)
-        kvh, d = st.keys[0].shape[1], st.keys[0].shape[3]
-        cache.early_initialization(n, kvh, d, st.keys[0].dtype, device)
+        empty = st.keys[0].new_zeros((n, st.keys[0].shape[1], 0, st.keys[0].shape[3]))
         idx = torch.tensor([max(r, 0) for r in rows], dtype=torch.long, device=device)
         has = torch.tensor([r >= 0 for r in rows], device=device)
         for i, layer in enumerate(cache.layers):
+            layer.lazy_initialization(empty, empty)  # layer by layer: old and new caches never both whole
             layer.keys[:, :, :old] = st.keys[i].index_select(0, idx)
             layer.values[:, :, :old] = st.values[i].index_select(0, idx)
             layer.cumulative_length.fill_(old)
@@ -337,9 +338,9 @@ class KVCacheBackend:
 
     def _store(self, prompts: list[list[int]], tokens: list[list[int]], cache: Any, rows: list[int],
                parked: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor]],
-               mask: torch.Tensor, last: torch.Tensor, width: int, used: int) -> None:
+               mask: torch.Tensor, last: torch.Tensor, width: int, used: int, groups: RowGroups | None) -> None:
         """Keep every row's cache (live and set-aside rows) for the next call, each row's tokens packed to the
-        left so that the next call attends over as few columns as possible."""
+        left so that the next call attends over as few columns as possible. `groups`: the lean step's layout."""
         n = len(prompts)
         device = mask.device
         full_mask = torch.zeros((n, used), dtype=mask.dtype, device=device)
@@ -355,12 +356,13 @@ class KVCacheBackend:
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :packed_len]
         keys, values = [], []
         for li, layer in enumerate(cache.layers):
-            for src, out in ((layer.keys, keys), (layer.values, values)):
+            for pi, (src, out) in enumerate(zip(cache_rows(layer, None, used, groups), (keys, values), strict=True)):
                 h, d = src.shape[1], src.shape[3]
                 full = src.new_zeros((n, h, used, d))
-                full[live] = src[:, :, :used]
-                for idx, pk, pv, _ in parked:
-                    full[torch.tensor(idx, device=device)] = (pk if src is layer.keys else pv)[li][:, :, :used]
+                full[live] = src
+                for idx, *kv, _ in parked:
+                    w = min(used, kv[pi][li].shape[2])
+                    full[torch.tensor(idx, device=device), :, :w] = kv[pi][li][:, :, :w]
                 out.append(torch.gather(full, 2, order[:, None, :, None].expand(n, h, packed_len, d)))
             layer.keys = layer.values = None  # free as we go
             layer.lean_kp = layer.lean_vp = layer.lean_kg = layer.lean_vg = layer.lean_k = layer.lean_v = None
@@ -413,8 +415,8 @@ class KVCacheBackend:
                 gone = [r for r in range(len(rows)) if r not in set(alive)]
                 if self.reuse:
                     g = torch.tensor(gone, device=device)
-                    parked.append(([rows[r] for r in gone], [la.keys.index_select(0, g) for la in cache.layers],
-                                   [la.values.index_select(0, g) for la in cache.layers], mask[g].clone()))
+                    kv = [cache_rows(la, g, used, groups) for la in cache.layers]
+                    parked.append(([rows[r] for r in gone], [k for k, _ in kv], [v for _, v in kv], mask[g].clone()))
                 keep = torch.tensor(alive, device=device)
                 if self._select_rows(cache, keep):
                     mask, tok, next_pos = mask[keep], tok[keep], next_pos[keep]
@@ -446,7 +448,7 @@ class KVCacheBackend:
             for layer in cache.layers:
                 layer.cumulative_length.fill_(used)
         if self.reuse:
-            self._store(prompts, tokens, cache, rows, parked, mask, prompt_last, width, used)
+            self._store(prompts, tokens, cache, rows, parked, mask, prompt_last, width, used, groups)
         return [Generation(tokens[i], logprobs[i], finished[i]) for i in range(n)]
 
 

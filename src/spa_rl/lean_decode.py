@@ -20,7 +20,9 @@ what is used), and the CPU bf16 matmul copies such operands at every layer and s
 decode step at batch 32). So at its first step a generation call builds, per cache layer, contiguous copies
 of the rows' keys and values ([length, head_dim] per row and kv head: `lean_k`, `lean_v`; scores are
 computed as keys @ queries^T, which measured faster than queries @ keys^T for long rows), extended token by
-token; the standard `keys`/`values` stay up to date too, so the cache remains a normal cache.
+token. They then are the cache: the layer's standard `keys`/`values` are freed (holding both doubled the
+memory of long multi-turn batches) and `cache_rows` puts a row's columns back together when the caller needs
+them (rows leaving the batch, the cache kept for the next turn).
 Shared prefix: rollout prompts share a long prefix (system prompt and instructions, ~300 of ~340 tokens of
 a first Sokoban turn). Its keys and values are identical in every row, so they are kept once (`lean_kp`,
 `lean_vp`) and attended with one matmul for the whole batch (cascade attention); only each row's own columns
@@ -89,6 +91,33 @@ class RowGroups:
         if self.dense:
             return t.transpose(1, 2).reshape(-1, nkv, t.shape[3], t.shape[4])
         return t[self.index, :, self.slot]
+
+
+def cache_rows(cl: Any, index: torch.Tensor | None, used: int,
+               groups: RowGroups | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [rows, nkv, used, hd] of the first `used` columns of cache layer `cl` for the batch rows
+    `index` (all if None): read from the standard cache, or, once a lean step has taken the layer over, put
+    together from the shared prefix, the group columns (`groups`: the layout of the last step's rows) and the
+    rows' own copies."""
+    if cl.keys is not None:
+        k, v = cl.keys[:, :, :used], cl.values[:, :, :used]
+        return (k, v) if index is None else (k.index_select(0, index), v.index_select(0, index))
+    own_k, own_v = cl.lean_k, cl.lean_v
+    group = groups.index if cl.lean_kg is not None and groups is not None else None
+    if index is not None:
+        own_k, own_v = own_k.index_select(0, index), own_v.index_select(0, index)
+        group = group.index_select(0, index) if group is not None else None
+    prefix, end = cl.lean_kp.shape[-1], cl.lean_end
+    keys = own_k.new_empty((own_k.shape[0], own_k.shape[1], used, own_k.shape[3]))
+    values = torch.empty_like(keys)
+    keys[:, :, :prefix] = cl.lean_kp.transpose(-1, -2)
+    values[:, :, :prefix] = cl.lean_vp
+    if group is not None:
+        keys[:, :, prefix:end] = cl.lean_kg.transpose(-1, -2)[group]
+        values[:, :, prefix:end] = cl.lean_vg[group]
+    keys[:, :, end:] = own_k[:, :, :used - end]
+    values[:, :, end:] = own_v[:, :, :used - end]
+    return keys, values
 
 
 class LeanDecoder:
@@ -213,7 +242,7 @@ class LeanDecoder:
     @staticmethod
     def _layer_state(cl: Any, prefix: int, groups: RowGroups | None) -> tuple[torch.Tensor, ...]:
         """This call's attention layout of one cache layer (built at its first step, see "Layout" above)."""
-        if getattr(cl, "lean_k", None) is None or cl.lean_k.shape[0] != cl.keys.shape[0]:
+        if getattr(cl, "lean_k", None) is None:
             end = prefix + (groups.cols if groups is not None else 0)
             cl.lean_kp = cl.keys[0, :, :prefix].transpose(-1, -2).contiguous()  # [nkv, hd, P]
             cl.lean_vp = cl.values[0, :, :prefix].contiguous()  # [nkv, P, hd]
@@ -225,6 +254,8 @@ class LeanDecoder:
                 cl.lean_vg = cl.values[rep, :, prefix:end].contiguous()  # [U, nkv, G, hd]
             cl.lean_k = cl.keys[:, :, end:].contiguous()  # [B, nkv, W - end, hd]
             cl.lean_v = cl.values[:, :, end:].contiguous()  # [B, nkv, W - end, hd]
+            cl.lean_end = end
+            cl.keys = cl.values = None  # from here on the copies are the cache (see `cache_rows`)
         return cl.lean_kp, cl.lean_vp, cl.lean_kg, cl.lean_vg, cl.lean_k, cl.lean_v
 
     @torch.inference_mode()
@@ -262,13 +293,11 @@ class LeanDecoder:
             rot = torch.cat([-qk[..., half:], qk[..., :half]], -1)
             qk = qk * cos + rot * sin
             q, k = (qk[:, :nh] * scaling).reshape(b, nkv, group, hd), qk[:, nh:]
-            cl.keys[:, :, col] = k  # the standard cache stays complete for the caller
-            cl.values[:, :, col] = v
             kp, vp, kg, vg, ks, vs = self._layer_state(cl, prefix, groups)
             ks[:, :, col - end] = k
             vs[:, :, col - end] = v
             w = ks.shape[2]
-            # each row's own columns: [B * nkv, hd, W - end] @ ... as contiguous matrices (see "Layout")
+            # each row's own columns: [B * nkv, W - end, hd] @ ... as contiguous matrices (see "Layout")
             scores = torch.bmm(ks.view(b * nkv, w, hd), q.reshape(b * nkv, group, hd).transpose(1, 2))
             scores = scores.transpose(1, 2).view(b, nkv, group, w)
             if groups is not None:  # a group's columns: one [rows * group, hd] @ [hd, G] matmul per group, kv head
