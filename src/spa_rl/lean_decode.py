@@ -23,7 +23,7 @@ computed as keys @ queries^T, which measured faster than queries @ keys^T for lo
 token. They then are the cache: the layer's standard `keys`/`values` are freed (holding both doubled the
 memory of long multi-turn batches) and `cache_rows` puts a row's columns back together when the caller needs
 them (rows leaving the batch, the cache kept for the next turn).
-Shared prefix: rollout prompts share a long prefix (system prompt and instructions, ~300 of ~340 tokens of
+Shared prefix: rollout prompts share a long prefix (system prompt and instructions, ~200 of ~340 tokens of
 a first Sokoban turn). Its keys and values are identical in every row, so they are kept once (`lean_kp`,
 `lean_vp`) and attended with one matmul for the whole batch (cascade attention); only each row's own columns
 are read row by row. Groups: SPA samples several responses to each prompt, so rows that are copies of one
