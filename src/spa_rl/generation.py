@@ -356,13 +356,16 @@ class KVCacheBackend:
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :packed_len]
         keys, values = [], []
         for li, layer in enumerate(cache.layers):
-            for pi, (src, out) in enumerate(zip(cache_rows(layer, None, used, groups), (keys, values), strict=True)):
+            live_kv = cache_rows(layer, None, used, groups)
+            for pi, out in enumerate((keys, values)):  # 0: keys, 1: values
+                src = live_kv[pi]
                 h, d = src.shape[1], src.shape[3]
                 full = src.new_zeros((n, h, used, d))
                 full[live] = src
-                for idx, *kv, _ in parked:
-                    w = min(used, kv[pi][li].shape[2])
-                    full[torch.tensor(idx, device=device), :, :w] = kv[pi][li][:, :, :w]
+                for idx, pk, pv, _ in parked:
+                    part = (pk, pv)[pi][li]
+                    w = min(used, part.shape[2])
+                    full[torch.tensor(idx, device=device), :, :w] = part[:, :, :w]
                 out.append(torch.gather(full, 2, order[:, None, :, None].expand(n, h, packed_len, d)))
             layer.keys = layer.values = None  # free as we go
             layer.lean_kp = layer.lean_vp = layer.lean_kg = layer.lean_vg = layer.lean_k = layer.lean_v = None

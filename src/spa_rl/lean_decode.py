@@ -133,6 +133,7 @@ class LeanDecoder:
         self._fused: list[tuple[torch.Tensor, ...]] = []  # per layer: qkv, its bias, o, gate/up, down
         self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._packed = False
+        self._prepack_ok: dict[tuple[Any, Any], bool] = {}  # (device, dtype) -> the probe's answer
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -183,7 +184,10 @@ class LeanDecoder:
         self.inner = self.model.model
         self.layers = list(self.inner.layers)
         head = self.model.lm_head
-        self._packed = self._can_prepack(head.weight, batch)
+        where = (head.weight.device, head.weight.dtype)
+        if where not in self._prepack_ok:  # the probe's answer does not change between calls
+            self._prepack_ok[where] = self._can_prepack(head.weight, batch)
+        self._packed = self._prepack_ok[where]
         fused = []
         with torch.no_grad():
             for layer in self.layers:
