@@ -1,5 +1,5 @@
-"""Benchmark: world-model SFT throughput of the embedded model, bf16 autocast vs fp32, against the measured
-matrix-multiply peak of this machine, in the same run.
+"""Benchmark: world-model SFT throughput of the embedded model, bf16 (fp32 master weights, `spa sft`'s default),
+bf16 autocast and fp32, against the measured matrix-multiply peak of this machine, in the same run.
 
     python benchmarks/sft.py [--steps 3]
     python benchmarks/sft.py --profile [no-pack]   # where one step goes (torch.profiler; default: packed), nothing else
@@ -8,18 +8,19 @@ The training step is the one `spa sft` runs (`spa_rl.sft.token_nll_sum`, AdamW, 
 self-play data: random-policy Sokoban episodes (the cold-start data of `scripts/world_model.sh`), world-model
 format, grid+coords, packed one trajectory per sequence, global batches of 16 turns cut into micro-batches
 exactly as `spa sft` cuts them (length-grouped, at most 4 sequences, 4,096 tokens and 10% padding each). For
-comparison it also times `spa sft --no-pack` (one sequence per turn, batched the same way); fp32 is timed for
-the default only. Throughput counts every non-padding token of every sequence; model FLOPs per token are
-counted as 6 x parameters, as the issue asks, and compared with the peak of a large square bf16 (and fp32)
-matmul measured here. 6N leaves out attention, whose cost per token grows with the sequence length, so the
-script also reports the share with causal attention counted (6 x layers x width x T per token of a sequence
-of length T: PaLM's 12 x layers x width x T, halved for the causal mask). This script must never be imported
-by the package or the tests.
+comparison it also times `spa sft --no-pack` (one sequence per turn, batched the same way) in bf16; the other
+precisions are timed for the default only. Throughput counts every non-padding token of every sequence; model
+FLOPs per token are counted as 6 x parameters, as the issue asks, and compared with the peak of a large square
+bf16 (and fp32) matmul measured here. 6N leaves out attention, whose cost per token grows with the sequence
+length, so the script also reports the share with causal attention counted (6 x layers x width x T per token of
+a sequence of length T: PaLM's 12 x layers x width x T, halved for the causal mask). This script must never be
+imported by the package or the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import tempfile
@@ -74,29 +75,35 @@ def plans(data: dict, steps: int) -> dict[str, tuple[list, list[list[list[int]]]
             "spa sft --no-pack (one sequence per turn)": (per_turn, no_pack)}
 
 
-def throughput(model, data, plan: list[list[list[int]]], autocast: bool, pad: int) -> tuple[float, float, float]:
+def throughput(model, data, plan: list[list[list[int]]], precision: str, pad: int) -> tuple[float, float, float]:
     """(tokens/s, padding share, causal attention FLOPs per token) over the plan's optimizer steps after the
-    first (warm-up)."""
+    first (warm-up). `precision` is a `spa sft --dtype` (`bf16` casts the model in place)."""
     cfg = model.config
     attention = sum(6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * len(data[i][0]) ** 2
                     for micro in plan[1:] for idx in micro for i in idx)
     from spa_rl.models import right_padded_batch
-    from spa_rl.sft import adamw, token_nll_sum
+    from spa_rl.sft import MasterWeights, adamw, token_nll_sum
 
     model.train()
-    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    master = MasterWeights(model) if precision == "bf16" else None
+    params = master.params if master else [p for p in model.parameters() if p.requires_grad]
+    opt = adamw(params, lr=1e-5)
 
     def step(micro: list[list[int]]) -> tuple[int, int]:
         tokens = padded = 0
         for idx in micro:
             batch = right_padded_batch([data[i] for i in idx], pad)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
                 nll, n = token_nll_sum(model, batch)
             (nll / max(n, 1)).backward()
+            if master:
+                master.accumulate()
             tokens += int(batch["attention_mask"].sum())
             padded += batch["attention_mask"].numel()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if master:
+            master.write_back()
         opt.zero_grad(set_to_none=True)
         return tokens, padded
 
@@ -132,18 +139,18 @@ def main() -> None:
         name = "spa sft (packed trajectories)" if args.profile == "packed" else \
             "spa sft --no-pack (one sequence per turn)"
         seqs, plan = plans(data, 1)[name]
-        throughput(lm.model, seqs, [plan[0], plan[0]], True, lm.tokenizer.pad_token_id)  # warm-up
+        throughput(lm.model, seqs, [plan[0], plan[0]], "bf16", lm.tokenizer.pad_token_id)  # warm-up, casts
         print("profiled step, sequence lengths per micro-batch:", [[len(seqs[i][0]) for i in m] for m in plan[1]])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            throughput(lm.model, seqs, [plan[1], plan[1]], True, lm.tokenizer.pad_token_id)  # the same step twice
+            throughput(lm.model, seqs, [plan[1], plan[1]], "bf16", lm.tokenizer.pad_token_id)  # the same step twice
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         return
     for name, (seqs, plan) in plans(data, args.steps).items():
-        precisions = (("bf16 autocast", True), ("fp32", False))
-        if not name.startswith("spa sft ("):
-            precisions = precisions[:1]
-        for precision, autocast in precisions:
-            tps, pad_share, attention = throughput(lm.model, seqs, plan, autocast, lm.tokenizer.pad_token_id)
+        precisions = ("bf16", "bf16-autocast", "fp32") if name.startswith("spa sft (") else ("bf16",)
+        for precision in precisions:
+            model = copy.deepcopy(lm.model)  # bf16 casts its model; every configuration starts from the same one
+            tps, pad_share, attention = throughput(model, seqs, plan, precision, lm.tokenizer.pad_token_id)
+            del model
             flops = 6 * params * tps
             print(f"{name}, {precision}: {tps:6.1f} tokens/s ({pad_share:.0%} padding) = {flops / 1e9:5.1f} GFLOP/s "
                   f"= {flops / peak_bf16:.1%} of the bf16 peak ({flops / peak_fp32:.1%} of the fp32 peak); "

@@ -16,6 +16,7 @@ from spa_rl.errors import SpaError
 from spa_rl.models import right_padded_batch
 from spa_rl.selfplay import collect
 from spa_rl.sft import (
+    MasterWeights,
     SFTConfig,
     _batches,
     _epoch_batches,
@@ -111,10 +112,11 @@ def test_tiny_model_fine_tuned_on_transitions_reproduces_them(tokenizer, tmp_pat
         assert lm.tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True) == row["completion"][0]["content"]
 
 
-def test_interrupted_sft_resumes_to_the_same_model(small_dataset, tiny64, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_interrupted_sft_resumes_to_the_same_model(small_dataset, tiny64, tmp_path, monkeypatch, dtype):
     def config(out):
         return SFTConfig(data=str(small_dataset), out=str(out), model=str(tiny64), epochs=4, batch_size=1,
-                         micro_batch_size=1, tensorboard=False, dtype="fp32", lr=1e-3, pack=False)
+                         micro_batch_size=1, tensorboard=False, dtype=dtype, lr=1e-3, pack=False)
 
     straight = train_sft(config(tmp_path / "a"), quiet=True)
     original = torch.optim.AdamW.step
@@ -139,6 +141,8 @@ def test_interrupted_sft_resumes_to_the_same_model(small_dataset, tiny64, tmp_pa
     a = load_file(tmp_path / "a" / "model" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert all(v.dtype == torch.float32 for v in b.values()), "a bf16 run saves its fp32 master weights"
+    assert json.loads((tmp_path / "b" / "model" / "config.json").read_text())["dtype"] == "float32"
     from spa_rl.runlog import read_metrics
 
     steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/train" in r]
@@ -148,16 +152,48 @@ def test_interrupted_sft_resumes_to_the_same_model(small_dataset, tiny64, tmp_pa
     assert steps == list(range(1, 13)), "a rerun never duplicates the history"
 
 
-def test_lora_sft_gives_an_adapter_that_eval_loads(small_dataset, tiny64, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lora_sft_gives_an_adapter_that_eval_loads(small_dataset, tiny64, tmp_path, dtype):
+    from safetensors.torch import load_file
+
     from spa_rl.models import load_model
 
     train_sft(SFTConfig(data=str(small_dataset), out=str(tmp_path), model=str(tiny64), epochs=1, lora=True,
-                        batch_size=2, micro_batch_size=1, tensorboard=False, dtype="fp32"), quiet=True)
+                        batch_size=2, micro_batch_size=1, tensorboard=False, dtype=dtype), quiet=True)
     assert (tmp_path / "model" / "adapter_config.json").is_file()
+    adapter = load_file(tmp_path / "model" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k and v.dtype == torch.float32 for k, v in adapter.items())
     assert load_model(str(tmp_path / "model"), dtype="fp32").model is not None
     assert (tmp_path / "loss.png").is_file()
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/train" in m for m in metrics)
+
+
+def test_master_weights_accumulate_in_fp32_and_write_back_rounded(tokenizer):
+    model = build_tiny_model(tokenizer, layers=1).train()
+    reference = copy.deepcopy(model)
+    master = MasterWeights(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(m.dtype == torch.float32 for m in master.params)
+    assert all(torch.equal(m, p) for m, p in zip(master.params, reference.parameters(), strict=True)), \
+        "copied before the cast"
+    ids = torch.randint(0, 100, (2, 9))
+    grads = []
+    for rows in (ids[:1], ids[1:]):  # two micro-batches
+        model(input_ids=rows).logits.float().square().mean().backward()
+        grads.append([p.grad.float().clone() for p in model.parameters()])
+        master.accumulate()
+        assert all(p.grad is None for p in model.parameters())
+    for m, g0, g1 in zip(master.params, *grads, strict=True):
+        assert torch.equal(m.grad, g0 + g1), "summed in fp32, not in bf16"
+    opt = torch.optim.SGD(master.params, lr=0.5)
+    opt.step()
+    master.write_back()
+    for m, p in zip(master.params, model.parameters(), strict=True):
+        assert torch.equal(p, m.to(torch.bfloat16))
+    state = master.state_dict(model)
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"], "tied weights stay one tensor"
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
 def test_packed_trajectories_give_the_same_loss_terms_as_one_row_per_turn(tokenizer, tmp_path):

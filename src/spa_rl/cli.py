@@ -384,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
     sf.add_argument("--lora-r", type=_positive_int, default=16, help="LoRA rank (default 16)")
     sf.add_argument("--env", help="refuse a dataset collected on another env")
-    sf.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="default auto (bf16 autocast)")
+    sf.add_argument("--dtype", choices=("auto", "bf16", "bf16-autocast", "fp32"), default="auto",
+                    help="bf16: bf16 weights and activations, fp32 master weights and optimizer state; bf16-autocast: "
+                         "fp32 weights under autocast (slower); default auto (bf16 where supported, else fp32)")
     sf.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     sf.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
     sf.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (default: epochs)")
