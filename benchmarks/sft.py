@@ -1,7 +1,7 @@
 """Benchmark: world-model SFT throughput of the embedded model, bf16 (fp32 master weights, `spa sft`'s default),
 bf16 autocast and fp32, against the measured matrix-multiply peak of this machine, in the same run.
 
-    python benchmarks/sft.py [--steps 3]
+    python benchmarks/sft.py [--steps 3] [--rounds 3]
     python benchmarks/sft.py --profile [no-pack]   # where one step goes (torch.profiler; default: packed), nothing else
 
 The training step is the one `spa sft` runs (`spa_rl.sft.token_nll_sum`, AdamW, gradient clipping) on real
@@ -23,6 +23,7 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import tempfile
 import time
 
@@ -75,12 +76,18 @@ def plans(data: dict, steps: int) -> dict[str, tuple[list, list[list[list[int]]]
             "spa sft --no-pack (one sequence per turn)": (per_turn, no_pack)}
 
 
-def throughput(model, data, plan: list[list[list[int]]], precision: str, pad: int) -> tuple[float, float, float]:
-    """(tokens/s, padding share, causal attention FLOPs per token) over the plan's optimizer steps after the
-    first (warm-up). `precision` is a `spa sft --dtype` (`bf16` casts the model in place)."""
-    cfg = model.config
-    attention = sum(6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * len(data[i][0]) ** 2
-                    for micro in plan[1:] for idx in micro for i in idx)
+def shares(config, data, plan: list[list[list[int]]]) -> tuple[float, float]:
+    """(padding share, causal attention FLOPs per token) of the plan's optimizer steps after the first."""
+    micros = [[len(data[i][0]) for i in idx] for step in plan[1:] for idx in step]
+    tokens = sum(sum(m) for m in micros)
+    attention = sum(6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * n ** 2
+                    for m in micros for n in m)
+    return 1 - tokens / sum(len(m) * max(m) for m in micros), attention / tokens
+
+
+def throughput(model, data, plan: list[list[list[int]]], precision: str, pad: int) -> float:
+    """Non-padding tokens per second over the plan's optimizer steps after the first (warm-up). `precision` is a
+    `spa sft --dtype` (`bf16` casts the model in place)."""
     from spa_rl.models import right_padded_batch
     from spa_rl.sft import MasterWeights, adamw, token_nll_sum
 
@@ -89,8 +96,8 @@ def throughput(model, data, plan: list[list[list[int]]], precision: str, pad: in
     params = master.params if master else [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, lr=1e-5)
 
-    def step(micro: list[list[int]]) -> tuple[int, int]:
-        tokens = padded = 0
+    def step(micro: list[list[int]]) -> int:
+        tokens = 0
         for idx in micro:
             batch = right_padded_batch([data[i] for i in idx], pad)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
@@ -99,26 +106,25 @@ def throughput(model, data, plan: list[list[list[int]]], precision: str, pad: in
             if master:
                 master.accumulate()
             tokens += int(batch["attention_mask"].sum())
-            padded += batch["attention_mask"].numel()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if master:
             master.write_back()
         opt.zero_grad(set_to_none=True)
-        return tokens, padded
+        return tokens
 
     step(plan[0])  # warm-up
-    tokens = padded = 0
     t0 = time.perf_counter()
-    for micro in plan[1:]:
-        t, p = step(micro)
-        tokens, padded = tokens + t, padded + p
-    return tokens / (time.perf_counter() - t0), 1 - tokens / padded, attention / tokens
+    tokens = sum(step(micro) for micro in plan[1:])
+    return tokens / (time.perf_counter() - t0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="time every configuration this many times, in alternating order, and report the median "
+                             "(default 3; the machine's speed drifts)")
     parser.add_argument("--profile", nargs="?", const="packed", choices=["packed", "no-pack"],
                         help="only profile one bf16 optimizer step (default: packed trajectories, spa sft's default; "
                              "no-pack: one sequence per turn) and print the top operations")
@@ -145,16 +151,26 @@ def main() -> None:
             throughput(lm.model, seqs, [plan[1], plan[1]], "bf16", lm.tokenizer.pad_token_id)  # the same step twice
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         return
-    for name, (seqs, plan) in plans(data, args.steps).items():
-        precisions = ("bf16", "bf16-autocast", "fp32") if name.startswith("spa sft (") else ("bf16",)
-        for precision in precisions:
+    configs = [(name, precision, seqs, plan) for name, (seqs, plan) in plans(data, args.steps).items()
+               for precision in (("bf16", "bf16-autocast", "fp32") if name.startswith("spa sft (") else ("bf16",))]
+    results: dict[tuple[str, str], list[float]] = {}
+    for r in range(args.rounds):
+        for name, precision, seqs, plan in configs if r % 2 == 0 else configs[::-1]:
             model = copy.deepcopy(lm.model)  # bf16 casts its model; every configuration starts from the same one
-            tps, pad_share, attention = throughput(model, seqs, plan, precision, lm.tokenizer.pad_token_id)
+            tps = throughput(model, seqs, plan, precision, lm.tokenizer.pad_token_id)
             del model
-            flops = 6 * params * tps
-            print(f"{name}, {precision}: {tps:6.1f} tokens/s ({pad_share:.0%} padding) = {flops / 1e9:5.1f} GFLOP/s "
-                  f"= {flops / peak_bf16:.1%} of the bf16 peak ({flops / peak_fp32:.1%} of the fp32 peak); "
-                  f"with attention {(flops + attention * tps) / peak_bf16:.1%} of the bf16 peak", flush=True)
+            results.setdefault((name, precision), []).append(tps)
+            print(f"round {r + 1}: {name}, {precision}: {tps:6.1f} tokens/s", flush=True)
+    peak_bf16 = max(peak_bf16, matmul_peak(torch.bfloat16))  # the best of two measurements, before and after
+    print(f"bf16 peak after the runs {peak_bf16 / 1e9:.0f} GFLOP/s (best of the two measurements used below)")
+    print(f"median of {args.rounds} rounds:")
+    for name, precision, seqs, plan in configs:
+        tps = statistics.median(results[name, precision])
+        pad_share, attention = shares(lm.model.config, seqs, plan)
+        flops = 6 * params * tps
+        print(f"{name}, {precision}: {tps:6.1f} tokens/s ({pad_share:.0%} padding) = {flops / 1e9:5.1f} GFLOP/s "
+              f"= {flops / peak_bf16:.1%} of the bf16 peak ({flops / peak_fp32:.1%} of the fp32 peak); "
+              f"with attention {(flops + attention * tps) / peak_bf16:.1%} of the bf16 peak", flush=True)
 
 
 if __name__ == "__main__":
