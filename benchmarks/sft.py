@@ -2,7 +2,7 @@
 bf16 autocast and fp32, against the measured matrix-multiply peak of this machine, in the same run.
 
     python benchmarks/sft.py [--steps 3] [--rounds 3]
-    python benchmarks/sft.py --profile [no-pack]   # where one step goes (torch.profiler; default: packed), nothing else
+    python benchmarks/sft.py --profile [no-pack] [--dtype bf16]   # where one step goes (torch.profiler), nothing else
 
 The training step is the one `spa sft` runs (`spa_rl.sft.token_nll_sum`, AdamW, gradient clipping) on real
 self-play data: random-policy Sokoban episodes (the cold-start data of `scripts/world_model.sh`), world-model
@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--profile", nargs="?", const="packed", choices=["packed", "no-pack"],
                         help="only profile one bf16 optimizer step (default: packed trajectories, spa sft's default; "
                              "no-pack: one sequence per turn) and print the top operations")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "bf16-autocast", "fp32"),
+                        help="precision of the profiled step (default bf16, spa sft's)")
     args = parser.parse_args()
     from spa_rl.models import load_model
 
@@ -145,10 +147,11 @@ def main() -> None:
         name = "spa sft (packed trajectories)" if args.profile == "packed" else \
             "spa sft --no-pack (one sequence per turn)"
         seqs, plan = plans(data, 1)[name]
-        throughput(lm.model, seqs, [plan[0], plan[0]], "bf16", lm.tokenizer.pad_token_id)  # warm-up, casts
+        model = copy.deepcopy(lm.model)
+        throughput(model, seqs, [plan[0], plan[0]], args.dtype, lm.tokenizer.pad_token_id)  # warm-up
         print("profiled step, sequence lengths per micro-batch:", [[len(seqs[i][0]) for i in m] for m in plan[1]])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            throughput(lm.model, seqs, [plan[1], plan[1]], "bf16", lm.tokenizer.pad_token_id)  # the same step twice
+            throughput(model, seqs, [plan[1], plan[1]], args.dtype, lm.tokenizer.pad_token_id)  # one step twice
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         return
     configs = [(name, precision, seqs, plan) for name, (seqs, plan) in plans(data, args.steps).items()

@@ -6,6 +6,8 @@
 #   bash scripts/world_model.sh rounds      # two rounds of (random self-play, SFT) from the cold-started model
 #   bash scripts/world_model.sh greedy      # the cold-started model evaluated greedily (temperature 0)
 #   bash scripts/world_model.sh more        # the cold-started model fine-tuned on 4x more fresh random self-play
+#   bash scripts/world_model.sh precision   # the cold start's SFT again in each precision (bf16 with fp32 master
+#                                           # weights, the default since 2026-11-22; bf16 autocast, the one before)
 set -euo pipefail
 OUT=${OUT:-runs/wm}
 ENV_NAME=${ENV_NAME:-sokoban}
@@ -56,6 +58,13 @@ more() {
     --samples 2 --out "$OUT/more/eval"
   [ -f "$OUT/more/eval-greedy/metrics.json" ] || spa eval --model "$OUT/more/sft/model" --env "$ENV_NAME" \
     --puzzles 32 --samples 1 --temperature 0 --out "$OUT/more/eval-greedy"
+}
+
+precision() {
+  for dtype in bf16 bf16-autocast; do
+    [ -f "$OUT/precision/$dtype/model/config.json" ] || spa sft --data "$OUT/cold/data" --out "$OUT/precision/$dtype" \
+      --epochs 2 --micro-batch-size 1 --env "$ENV_NAME" --dtype "$dtype"
+  done
 }
 
 for stage in "${@:-cold}"; do "$stage"; done

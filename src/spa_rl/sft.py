@@ -371,7 +371,8 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
         raise SpaError(f"unknown dtype {config.dtype!r}: use one of {', '.join(precisions)}")
     precision = config.dtype
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() or cpu_supports_bf16() else "fp32"
+        on_gpu = torch.cuda.is_available() and config.device != "cpu"
+        precision = "bf16" if (torch.cuda.is_bf16_supported() if on_gpu else cpu_supports_bf16()) else "fp32"
     AcceleratorState._reset_state(True)  # accelerate keeps global state; each run chooses its own precision
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16-autocast" else "no",
                               cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
