@@ -8,8 +8,8 @@ The training step is the one `spa sft` runs (`spa_rl.sft.token_nll_sum`, AdamW, 
 self-play data: random-policy Sokoban episodes (the cold-start data of `scripts/world_model.sh`), world-model
 format, grid+coords, packed one trajectory per sequence, global batches of 16 turns cut into micro-batches
 exactly as `spa sft` cuts them (length-grouped, at most 4 sequences, 4,096 tokens and 10% padding each). For
-comparison it also times `spa sft --no-pack` (one sequence per turn, batched the same way) in bf16; the other
-precisions are timed for the default only. Throughput counts every non-padding token of every sequence; model
+comparison it also times `spa sft --no-pack` (one sequence per turn, batched the same way) in both bf16 modes;
+fp32 is timed for the default only. Throughput counts every non-padding token of every sequence; model
 FLOPs per token are counted as 6 x parameters, as the issue asks, and compared with the peak of a large square
 bf16 (and fp32) matmul measured here. 6N leaves out attention, whose cost per token grows with the sequence
 length, so the script also reports the share with causal attention counted (6 x layers x width x T per token of
@@ -155,7 +155,8 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         return
     configs = [(name, precision, seqs, plan) for name, (seqs, plan) in plans(data, args.steps).items()
-               for precision in (("bf16", "bf16-autocast", "fp32") if name.startswith("spa sft (") else ("bf16",))]
+               for precision in (("bf16", "bf16-autocast", "fp32") if name.startswith("spa sft (") else
+                                 ("bf16", "bf16-autocast"))]
     results: dict[tuple[str, str], list[float]] = {}
     for r in range(args.rounds):
         for name, precision, seqs, plan in configs if r % 2 == 0 else configs[::-1]:

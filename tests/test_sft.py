@@ -174,6 +174,7 @@ def test_master_weights_accumulate_in_fp32_and_write_back_rounded(tokenizer):
     reference = copy.deepcopy(model)
     master = MasterWeights(model)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32, "buffers keep their precision"
     assert all(m.dtype == torch.float32 for m in master.params)
     assert all(torch.equal(m, p) for m, p in zip(master.params, reference.parameters(), strict=True)), \
         "copied before the cast"

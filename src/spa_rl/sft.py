@@ -309,7 +309,8 @@ class MasterWeights:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params]
-        model.to(dtype)
+        for p in model.parameters():  # not buffers: RoPE's inv_freq stays fp32, as from_pretrained keeps it
+            p.data = p.data.to(dtype)
 
     def accumulate(self) -> None:
         """Add the model's gradients into the fp32 copies and free them (call after every backward)."""
@@ -329,8 +330,12 @@ class MasterWeights:
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's state dict with the fp32 copies in place of its trainable weights (tied names too)."""
-        by_ptr = {p.data_ptr(): master.detach() for master, p in zip(self.params, self.model_params, strict=True)}
-        return {k: by_ptr.get(v.data_ptr(), v) for k, v in model.state_dict().items()}
+        masters = {id(p): master.detach() for master, p in zip(self.params, self.model_params, strict=True)}
+        state = model.state_dict()
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in masters:
+                state[name] = masters[id(p)]
+        return state
 
 
 def adamw(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.AdamW:
@@ -372,7 +377,8 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
     precision = config.dtype
     if precision == "auto":
         on_gpu = torch.cuda.is_available() and config.device != "cpu"
-        precision = "bf16" if (torch.cuda.is_bf16_supported() if on_gpu else cpu_supports_bf16()) else "fp32"
+        native = torch.cuda.is_bf16_supported(including_emulation=False) if on_gpu else cpu_supports_bf16()
+        precision = "bf16" if native else "fp32"
     AcceleratorState._reset_state(True)  # accelerate keeps global state; each run chooses its own precision
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16-autocast" else "no",
                               cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
@@ -436,7 +442,7 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
         torch.set_rng_state(state["torch_rng"])
     logger = RunLogger(out, tensorboard=config.tensorboard, wandb_project=config.wandb_project, resume_step=step,
                        config=asdict(config))
-    meta = {"stage": "world-model-sft", "config": asdict(config), "dataset": manifest,
+    meta = {"stage": "world-model-sft", "config": asdict(config), "precision": precision, "dataset": manifest,
             "base_model": config.model}
     pad_id = tokenizer.pad_token_id
 
