@@ -299,9 +299,10 @@ class MasterWeights:
     every backward the gradients are added into fp32 copies (accumulation over micro-batches stays exact), the
     optimizer updates fp32 weights and keeps fp32 state, and the model gets the update rounded to bf16.
 
-    Measured on this CPU (docs/benchmarks.md): 1.1-1.2x the tokens/s of bf16 autocast over fp32 weights, which
-    re-casts every weight in every pass and keeps the residual stream in fp32. `MasterWeights(model)` copies
-    the trainable parameters at full precision and then casts the model, so build it on the fp32 model.
+    Against bf16 autocast over fp32 weights (which re-casts every weight in every pass and keeps the residual
+    stream in fp32), measured on this CPU (docs/benchmarks.md): 1.0-1.1x the tokens/s (attention, which both
+    run in bf16, takes much of the step) and the same losses. `MasterWeights(model)` copies the trainable
+    parameters at full precision and then casts the model, so build it on the fp32 model.
     Checkpoints are written from the fp32 copies (`state_dict`), so a resumed run continues from the exact
     weights. It must never let the optimizer see a bf16 tensor.
     """
