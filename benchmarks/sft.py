@@ -4,7 +4,7 @@ bf16 autocast and fp32, against the measured matrix-multiply peak of this machin
     python benchmarks/sft.py [--steps 3] [--rounds 3]
     python benchmarks/sft.py --profile [no-pack] [--dtype bf16]   # where one step goes (torch.profiler), nothing else
 
-The training step is the one `spa sft` runs (`spa_rl.sft.token_nll_sum`, AdamW, gradient clipping) on real
+The training step is the one `spa sft` runs (`spa_rl.sft.sft_step`: loss, AdamW, clipping) on real
 self-play data: random-policy Sokoban episodes (the cold-start data of `scripts/world_model.sh`), world-model
 format, grid+coords, packed one trajectory per sequence, global batches of 16 turns cut into micro-batches
 exactly as `spa sft` cuts them (length-grouped, at most 4 sequences, 4,096 tokens and 10% padding each). For
@@ -89,29 +89,20 @@ def throughput(model, data, plan: list[list[list[int]]], precision: str, pad: in
     """Non-padding tokens per second over the plan's optimizer steps after the first (warm-up). `precision` is a
     `spa sft --dtype` (`bf16` casts the model in place)."""
     from spa_rl.models import right_padded_batch
-    from spa_rl.sft import MasterWeights, adamw, token_nll_sum
+    from spa_rl.sft import MasterWeights, adamw, sft_step
 
     model.train()
     master = MasterWeights(model) if precision == "bf16" else None
     params = master.params if master else [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, lr=1e-5)
 
+    def autocast() -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
+
     def step(micro: list[list[int]]) -> int:
-        tokens = 0
-        for idx in micro:
-            batch = right_padded_batch([data[i] for i in idx], pad)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
-                nll, n = token_nll_sum(model, batch)
-            (nll / max(n, 1)).backward()
-            if master:
-                master.accumulate()
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if master:
-            master.write_back()
-        opt.zero_grad(set_to_none=True)
-        return tokens
+        batches = [right_padded_batch([data[i] for i in idx], pad) for idx in micro]
+        sft_step(model, batches, params, opt, master, autocast=autocast)
+        return sum(int(b["attention_mask"].sum()) for b in batches)
 
     step(plan[0])  # warm-up
     t0 = time.perf_counter()

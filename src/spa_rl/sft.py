@@ -16,6 +16,7 @@ atomically that a rerun resumes from. It must never train on a token outside the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -339,6 +340,30 @@ class MasterWeights:
         return state
 
 
+def sft_step(model: Any, batches: list[dict[str, torch.Tensor]], params: list[torch.Tensor], optimizer: Any,
+             master: MasterWeights | None = None, backward: Any = torch.Tensor.backward,
+             autocast: Any = contextlib.nullcontext) -> tuple[float, float]:
+    """One optimizer step over a global batch given as micro-batches (`right_padded_batch`, on the model's
+    device): the mean NLL over all their loss tokens, gradients accumulated (into `master`'s fp32 copies if
+    set), clipped to norm 1.0, one optimizer update. Returns (mean loss, gradient norm before clipping).
+    `backward`/`autocast` let `accelerate` take part. `spa sft` and `benchmarks/sft.py` both run this."""
+    n_tokens = max(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), 1)
+    total = 0.0
+    for batch in batches:
+        with autocast():
+            nll, _ = token_nll_sum(model, batch)
+        backward(nll / n_tokens)
+        if master:
+            master.accumulate()
+        total += nll.item()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+    optimizer.step()
+    if master:
+        master.write_back()
+    optimizer.zero_grad(set_to_none=True)
+    return total / n_tokens, grad_norm
+
+
 def adamw(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.AdamW:
     """AdamW, with PyTorch's fused kernel where it exists (CPU and CUDA): one pass over the parameters instead
     of a dozen operations per tensor. Same update rule and state layout, so checkpoints resume either way."""
@@ -488,24 +513,13 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
                 micro = _batches(train, sorted(idx, key=lambda i: len(train[i][0])), config.micro_batch_size,
                                  config.micro_batch_tokens, config.max_padding)
                 n_tokens = sum(sum(train[i][1][1:]) for i in idx)
-                total_nll = 0.0
-                for m in micro:
-                    batch = right_padded_batch([train[i] for i in m], pad_id)
-                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                    with accelerator.autocast():
-                        nll, _ = token_nll_sum(model, batch)
-                    accelerator.backward(nll / max(n_tokens, 1))
-                    if master:
-                        master.accumulate()
-                    total_nll += nll.item()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-                optimizer.step()
-                if master:
-                    master.write_back()
+                batches = [{k: v.to(accelerator.device) for k, v in right_padded_batch([train[i] for i in m],
+                                                                                       pad_id).items()} for m in micro]
+                loss, grad_norm = sft_step(model, batches, params, optimizer, master, accelerator.backward,
+                                           accelerator.autocast)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
-                logger.log(step, {"loss/train": total_nll / max(n_tokens, 1), "train/grad_norm": grad_norm,
+                logger.log(step, {"loss/train": loss, "train/grad_norm": grad_norm,
                                   "train/lr": scheduler.get_last_lr()[0], "train/tokens": n_tokens,
                                   "train/epoch": epoch + (in_epoch + 1) / len(plans[epoch])})
                 in_epoch += 1
