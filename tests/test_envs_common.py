@@ -18,7 +18,6 @@ from spa_rl import envs
 from spa_rl.envs.sokoban import push
 from spa_rl.envs.sudoku import Grid
 from spa_rl.errors import SpaError, UnknownNameError
-from spa_rl.policies import random_action
 
 ALL = list(envs.VARIANTS)
 
@@ -51,9 +50,9 @@ def test_snapshot_restore_replays_exactly(name):
     for seed in range(10):
         env.reset(seed=seed)
         for _ in range(int(rng.integers(0, 4))):
-            env.step(random_action(env, rng))
+            env.step(env.random_action(rng))
         snap, obs_at_snap = env.snapshot(), env.render_text()
-        actions = [random_action(env, rng) for _ in range(8)]
+        actions = [env.random_action(rng) for _ in range(8)]
         first = [env.step(a) for a in actions]
         env.reset(seed=seed + 1000)  # somewhere else entirely
         assert env.restore(snap) == obs_at_snap

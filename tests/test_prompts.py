@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spa_rl import envs
-from spa_rl.prompts import first_messages, format_response, instruction, parse_response, turn_message
+from spa_rl.prompts import first_messages, format_response, parse_response, turn_message
 
 WM = ("<think> <observation>\n######\n#P_X_#\n</observation> push it right <prediction>\n######\n#_PX#\n"
       "</prediction> </think> <answer> Right || right </answer>")
@@ -69,14 +69,14 @@ def test_format_response_round_trips():
 
 def test_instruction_lists_the_variant_vocabulary():
     alt = envs.make("sokoban-altvocab").unwrapped
-    text = instruction(alt, "grid", 5)
+    text = alt.instruction("grid", 5)
     assert "W: wall, .: empty, G: target, C: box on target, B: box, A: player, @: player on target" in text
     assert "(row,col)" not in text
     perm = envs.make("sokoban-permuted-actions").unwrapped
-    assert "Your available actions are:\nUp, Down, Left, Right" in instruction(perm, "grid+coords", 5)
-    assert "slippery" in instruction(envs.make("frozenlake").unwrapped, "grid", 5)
-    assert "slippery" not in instruction(envs.make("frozenlake-det").unwrapped, "grid", 5)
-    assert "2,3,4 writes 4 in row 2, column 3" in instruction(envs.make("sudoku").unwrapped, "grid", 5)
+    assert "Your available actions are:\nUp, Down, Left, Right" in perm.instruction("grid+coords", 5)
+    assert "slippery" in envs.make("frozenlake").unwrapped.instruction("grid", 5)
+    assert "slippery" not in envs.make("frozenlake-det").unwrapped.instruction("grid", 5)
+    assert "2,3,4 writes 4 in row 2, column 3" in envs.make("sudoku").unwrapped.instruction("grid", 5)
 
 
 def test_turn_messages_match_the_spec():

@@ -118,7 +118,6 @@ def test_no_valid_action_is_penalised(tokenizer):
 def test_random_policy_success_matches_direct_simulation():
     """pass@1 of the random policy equals the success rate of the same policy played directly on the env."""
     from spa_rl import envs
-    from spa_rl.policies import random_action
 
     eps = RolloutEngine(RolloutConfig(env="frozenlake-det", max_actions_per_turn=1, max_turns=10),
                         policy="random").run(range(400), group_size=1, seed=2)
@@ -129,7 +128,7 @@ def test_random_policy_success_matches_direct_simulation():
     for s in range(400):
         env.reset(seed=s)
         for _ in range(10):
-            _, _, term, _, info = env.step(random_action(env, rng))
+            _, _, term, _, info = env.step(env.random_action(rng))
             if term:
                 break
         wins.append(env.success)

@@ -17,7 +17,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from spa_rl import envs
-from spa_rl.policies import random_action, solver_action
 
 DEMO_ENVS = ("sokoban", "frozenlake", "sudoku")
 
@@ -49,7 +48,7 @@ def run_demo(console: Console, puzzles: int = 200, seed: int = 0, model_puzzles:
                     env.reset(seed=s)
                     t1 = time.perf_counter()
                     for _ in range(variant.max_actions_per_episode):
-                        action = random_action(env, rng) if policy == "random" else solver_action(env)
+                        action = env.random_action(rng) if policy == "random" else env.optimal_action()
                         if action is None:
                             break
                         _, _, terminated, _, _ = env.step(action)

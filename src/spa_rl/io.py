@@ -1,4 +1,13 @@
-"""Files that must never be half-written: every write goes to a temporary file that is then renamed.
+"""Files that must never be half-written, and the one way to read and append JSONL.
+
+- `atomic_write_text` / `_json` / `_jsonl`: written to a temporary file that is then renamed, so readers
+  see the old file or the new one, never a part.
+- `atomic_dir`: a directory (a model, a checkpoint) built in a temporary sibling and renamed into place.
+- `read_jsonl` / `append_jsonl`: one policy for a torn last line. A last line without its newline that is not
+  valid JSON is what an interrupted append leaves: the reader skips it and the appender cuts it off before
+  writing. Any other malformed line is an error that names the file and line.
+- Everything is created with the permissions the user's umask gives (not the 0600/0700 of `tempfile`), so
+  others on a shared machine can read results as they can read any file the user writes.
 
 This module must never hold anything but file plumbing.
 """
@@ -7,12 +16,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from spa_rl.errors import SpaError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_public(path: Path, is_dir: bool) -> None:
+    """Give a file made by `tempfile` (0600, 0700) the mode a plain `open`/`mkdir` would have given it."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -24,6 +45,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _make_public(Path(tmp), is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,6 +60,113 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def atomic_dir(target: str | Path, write: Callable[[Path], None]) -> None:
+    """Build the directory `target` by calling `write(tmp)` on a fresh temporary sibling, then rename it into
+    place (an existing `target` is replaced). An interruption leaves the old directory or the new one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _make_public(tmp, is_dir=True)
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}-old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """A JSON file's content; unreadable or corrupt files are a one-line error naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SpaError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise SpaError(f"{path} is corrupt ({e.msg}, line {e.lineno}): delete it or restore the {what}") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows (JSON objects) of a JSONL file. A torn last line (no newline, not valid JSON) is skipped; any
+    other malformed line is an error that names the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpaError(f"cannot read {path}: {e.strerror}") from None
+    lines = text.split("\n")  # the last element is "" when the file ends with a newline
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # no newline after it: an interrupted append
+                break
+            raise SpaError(f"{path} line {n} is not valid JSON ({e.msg}): fix or delete that line") from None
+        if not isinstance(row, dict):
+            raise SpaError(f"{path} line {n} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop an unfinished last line (an interrupted append) so the next row starts on a line of its own."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return
+    if data and not data.endswith(b"\n"):
+        tail = data[data.rfind(b"\n") + 1:]
+        try:
+            json.loads(tail)
+            keep = len(data)  # a complete row that only lacks its newline
+        except ValueError:
+            keep = len(data) - len(tail)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            if keep == len(data):
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+
+
+def append_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
+    """Append rows to a JSONL file, flushed to disk (after cutting off a torn last line)."""
+    path = Path(path)
+    _cut_torn_tail(path)
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class JsonlAppender:
+    """A JSONL file kept open for many appends (metrics), each flushed; a torn last line is cut off first."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        _cut_torn_tail(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open until close()
+
+    def append(self, row: Any) -> None:
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def writable_dir(path: str | Path) -> Path:
     """Create `path` if needed and check that files can be written there, or raise a one-line SpaError."""
     path = Path(path)
@@ -46,5 +175,14 @@ def writable_dir(path: str | Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".spa-probe-"):
             pass
     except OSError as e:
-        raise SpaError(f"cannot write to {path}: {e.strerror or e}; pass another --out directory") from None
+        raise SpaError(f"cannot write to {path}: {e.strerror or e}; pass another output location") from None
+    return path
+
+
+def writable_file(path: str | Path) -> Path:
+    """Check, before any work, that `path` can be written (its directory is created if missing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpaError(f"{path} is a directory: pass a file name for the output")
+    writable_dir(path.parent if str(path.parent) else ".")
     return path

@@ -81,7 +81,6 @@ def sample_states(env_name: str, render: str, puzzles: int, steps: int = 3, seed
     """Validation-puzzle states: each puzzle's start and the states after up to `steps` random actions."""
     from spa_rl import envs
     from spa_rl.evaluation import validation_seeds
-    from spa_rl.policies import random_action
 
     rng = np.random.default_rng(seed)
     env = envs.make(env_name, render=render).unwrapped
@@ -90,7 +89,7 @@ def sample_states(env_name: str, render: str, puzzles: int, steps: int = 3, seed
         obs, _ = env.reset(seed=s)
         out.append(obs)
         for _ in range(steps):
-            obs, _, terminated, _, info = env.step(random_action(env, rng))
+            obs, _, terminated, _, info = env.step(env.random_action(rng))
             if info["action_is_effective"]:
                 out.append(obs)
             if terminated:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from spa_rl.envs import FrozenLakeEnv, PuzzleEnv, SokobanEnv, SudokuEnv
-from spa_rl.envs.sokoban import DEFAULT_ACTIONS
+from spa_rl.envs.base import PuzzleEnv
 
 FORMATS = ("world-model", "plain")
 SYSTEM_PROMPT = "You're a helpful assistant."
@@ -95,55 +94,6 @@ def format_response(observation: str | None, reasoning: str, prediction: str | N
 
 
 # ----------------------------------------------------------------------------------------------- messages
-def _listed_actions(env: PuzzleEnv) -> str:
-    if isinstance(env, SokobanEnv):  # list words in a fixed order, so a permutation is not given away
-        order = {w.lower(): i for i, w in enumerate(DEFAULT_ACTIONS)}
-        return ", ".join(sorted(env.action_names, key=lambda w: order.get(w.lower(), 99)))
-    return ", ".join(env.action_names)
-
-
-def instruction(env: PuzzleEnv, render: str, max_actions_per_turn: int) -> str:
-    """The game description of the first user message: rules, symbols, actions and the per-turn limit."""
-    coords = render == "grid+coords"
-    if isinstance(env, SokobanEnv):
-        wall, empty, target, box_t, box, player, player_t = env.symbols
-        lines = [
-            "You are solving the Sokoban puzzle. You are the player and you need to push all boxes to targets. "
-            "When you are right next to a box, you can push it by moving in the same direction. You cannot push a "
-            "box through a wall, and you cannot pull a box.",
-            "The meaning of each symbol in the state is:",
-            f"{wall}: wall, {empty}: empty, {target}: target, {box_t}: box on target, {box}: box, "
-            f"{player}: player, {player_t}: player on target",
-        ]
-        if coords:
-            lines.append("After the grid, a line gives the (row,col) positions of the player, boxes and targets, "
-                         "counted from (0,0) at the top-left.")
-    elif isinstance(env, FrozenLakeEnv):
-        lines = ["You are walking on a frozen lake. Reach the goal without falling into a hole."]
-        if env.slippery:
-            lines[0] += " The ice is slippery: you may move perpendicular to the direction you intended."
-        lines += ["The meaning of each symbol in the state is:",
-                  "P: player, _: frozen, O: hole, G: goal, X: player in hole, √: player on goal"]
-        if coords:
-            lines.append("After the grid, a line gives the (row,col) positions of the player, holes and goal, "
-                         "counted from (0,0) at the top-left.")
-    elif isinstance(env, SudokuEnv):
-        n, k = env.size, int(env.size ** 0.5)
-        lines = [f"You are solving a {n}x{n} Sudoku. Fill every empty cell (.) with a number from 1 to {n} so that "
-                 f"each row, each column and each {k}x{k} box contains every number exactly once.",
-                 "An action is row,col,value with 1-indexed row and column: 2,3,4 writes 4 in row 2, column 3. "
-                 "A move that breaks a rule or targets a filled cell is invalid and changes nothing."]
-        if coords:
-            lines.append("After the grid, a line gives the (row,col) positions of the empty cells, counted from "
-                         "(1,1) at the top-left.")
-    else:
-        raise TypeError(f"no instruction for {type(env).__name__}")
-    if not isinstance(env, SudokuEnv):
-        lines += ["Your available actions are:", _listed_actions(env)]
-    lines.append(f'You can make up to {max_actions_per_turn} actions, separated by the action separator " || ".')
-    return "\n".join(lines)
-
-
 def format_demand(fmt: str, max_new_tokens: int) -> str:
     """The closing sentence of every turn message: the required response format."""
     if fmt == "world-model":
@@ -166,6 +116,6 @@ def turn_message(turn: int, state: str, actions_left: int, fmt: str, max_new_tok
 def first_messages(env: PuzzleEnv, state: str, render: str, fmt: str, max_actions_per_turn: int,
                    actions_left: int, max_new_tokens: int) -> list[dict[str, str]]:
     """The conversation before the agent's first turn: system message and the first user message."""
-    user = (instruction(env, render, max_actions_per_turn) + "\n\n"
+    user = (env.instruction(render, max_actions_per_turn) + "\n\n"
             + turn_message(1, state, actions_left, fmt, max_new_tokens))
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]

@@ -26,8 +26,8 @@ import torch
 from spa_rl import envs
 from spa_rl.envs.base import EnvSnapshot, PuzzleEnv
 from spa_rl.generation import GenerationBackend, SamplingConfig
-from spa_rl.policies import random_action
-from spa_rl.prompts import FORMATS, ParsedResponse, first_messages, format_response, parse_response, turn_message
+from spa_rl.policies import scripted_response
+from spa_rl.prompts import FORMATS, ParsedResponse, first_messages, parse_response, turn_message
 
 FORMAT_PENALTY = -0.1
 _SENTINEL = "\ue000spa-sentinel\ue001"
@@ -196,43 +196,6 @@ class _Live:
     env: PuzzleEnv
     prompt_ids: list[int]
     actions_left: int
-
-
-def _simulate(env: PuzzleEnv, choose: Callable[[], str | None], limit: int) -> tuple[list[str], str]:
-    """Pick up to `limit` actions by `choose` on the env, then put it back: (actions, state after them)."""
-    snap = env.snapshot()
-    actions = []
-    for _ in range(limit):
-        a = choose()
-        if a is None:
-            break
-        env.step(a)
-        actions.append(a)
-        if env.done:
-            break
-    after = env.render_text()
-    env.restore(snap)
-    return actions, after
-
-
-def scripted_response(env: PuzzleEnv, policy: str, limit: int, fmt: str, rng: np.random.Generator) -> str:
-    """A `random` or `solver` turn written in the protocol, with the true current and predicted states.
-
-    The prediction simulates the actions on a snapshot that includes the env's random generator, so it is the
-    state the env will really reach (on a slippery lake the solver also reacts to slips within its turn).
-    """
-    if policy == "solver":
-        actions, after = _simulate(env, env.optimal_action, limit)
-        reasoning = ("The optimal next moves are " + ", ".join(actions) + "." if actions
-                     else "No move can win from here.")
-        actions = actions or [env.action_names[0]]
-    elif policy == "random":
-        k = int(rng.integers(1, limit + 1))
-        actions, after = _simulate(env, lambda: random_action(env, rng), k)
-        reasoning = "I will try " + ", ".join(actions) + "."
-    else:
-        raise ValueError(f"unknown scripted policy {policy!r}")
-    return format_response(env.render_text(), reasoning, after, actions, fmt)
 
 
 # ------------------------------------------------------------------------------------------ engine

@@ -114,6 +114,31 @@ class PuzzleEnv(gym.Env[str, str]):
         """The action words, as an agent should write them (Sudoku gives the pattern `r,c,v`)."""
         raise NotImplementedError
 
+    # ----------------------------------------------------------------- what the agent is told
+    def rules(self, render: str) -> list[str]:
+        """The lines of the agent's instruction that explain the game and its symbols for `render` (a
+        subclass must say what its puzzle is; `instruction` adds the actions and the per-turn limit)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement rules(render) to be played by an agent")
+
+    def listed_actions(self) -> list[str] | None:
+        """The action words the instruction lists, in the order shown (None: the rules explain the actions)."""
+        return self.action_names
+
+    def instruction(self, render: str, max_actions_per_turn: int) -> str:
+        """The game description of the agent's first message: rules, symbols, actions, the per-turn limit."""
+        lines = list(self.rules(render))
+        listed = self.listed_actions()
+        if listed:
+            lines += ["Your available actions are:", ", ".join(listed)]
+        lines.append(f'You can make up to {max_actions_per_turn} actions, separated by the action separator " || ".')
+        return "\n".join(lines)
+
+    def random_action(self, rng: np.random.Generator) -> str:
+        """A uniformly random action text drawn from `rng` (the `random` behaviour policy); the env's state and
+        own generator are left untouched."""
+        names = self.action_names
+        return names[int(rng.integers(len(names)))]
+
     # ----------------------------------------------------------------- gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
         """Generate the puzzle for `seed`, or load `options["layout"]` (a `grid` render text)."""

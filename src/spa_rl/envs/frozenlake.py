@@ -187,6 +187,17 @@ class FrozenLakeEnv(PuzzleEnv):
     def action_names(self) -> list[str]:
         return list(ACTIONS)
 
+    def rules(self, render: str) -> list[str]:
+        lines = ["You are walking on a frozen lake. Reach the goal without falling into a hole."]
+        if self.slippery:
+            lines[0] += " The ice is slippery: you may move perpendicular to the direction you intended."
+        lines += ["The meaning of each symbol in the state is:",
+                  "P: player, _: frozen, O: hole, G: goal, X: player in hole, √: player on goal"]
+        if render == "grid+coords":
+            lines.append("After the grid, a line gives the (row,col) positions of the player, holes and goal, "
+                         "counted from (0,0) at the top-left.")
+        return lines
+
     def grid_text(self) -> str:
         n_cols = len(self.desc[0])
         pos = self.position

@@ -343,6 +343,26 @@ class SokobanEnv(PuzzleEnv):
     def action_names(self) -> list[str]:
         return list(self._actions)
 
+    def rules(self, render: str) -> list[str]:
+        wall, empty, target, box_t, box, player, player_t = self.symbols
+        lines = [
+            "You are solving the Sokoban puzzle. You are the player and you need to push all boxes to targets. "
+            "When you are right next to a box, you can push it by moving in the same direction. You cannot push a "
+            "box through a wall, and you cannot pull a box.",
+            "The meaning of each symbol in the state is:",
+            f"{wall}: wall, {empty}: empty, {target}: target, {box_t}: box on target, {box}: box, "
+            f"{player}: player, {player_t}: player on target",
+        ]
+        if render == "grid+coords":
+            lines.append("After the grid, a line gives the (row,col) positions of the player, boxes and targets, "
+                         "counted from (0,0) at the top-left.")
+        return lines
+
+    def listed_actions(self) -> list[str]:
+        """The action words in a fixed order, so that a permuted vocabulary is not given away."""
+        order = {w.lower(): i for i, w in enumerate(DEFAULT_ACTIONS)}
+        return sorted(self.action_names, key=lambda w: order.get(w.lower(), 99))
+
     def _rc(self, i: int) -> tuple[int, int]:
         assert self.room is not None
         return divmod(i, self.room.cols)

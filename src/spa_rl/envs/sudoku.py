@@ -224,6 +224,28 @@ class SudokuEnv(PuzzleEnv):
     def action_names(self) -> list[str]:
         return ["r,c,v"]
 
+    def rules(self, render: str) -> list[str]:
+        n, k = self.size, int(self.size ** 0.5)
+        lines = [f"You are solving a {n}x{n} Sudoku. Fill every empty cell (.) with a number from 1 to {n} so that "
+                 f"each row, each column and each {k}x{k} box contains every number exactly once.",
+                 "An action is row,col,value with 1-indexed row and column: 2,3,4 writes 4 in row 2, column 3. "
+                 "A move that breaks a rule or targets a filled cell is invalid and changes nothing."]
+        if render == "grid+coords":
+            lines.append("After the grid, a line gives the (row,col) positions of the empty cells, counted from "
+                         "(1,1) at the top-left.")
+        return lines
+
+    def listed_actions(self) -> None:
+        return None  # the rules explain the action pattern
+
+    def random_action(self, rng: np.random.Generator) -> str:
+        """A uniformly random value for a uniformly random empty cell (it sees which cells are blank, not which
+        values are legal)."""
+        n = self.size
+        empty = [i for i, v in enumerate(self.board) if v == 0] or list(range(n * n))
+        i = empty[int(rng.integers(len(empty)))]
+        return f"{i // n + 1},{i % n + 1},{int(rng.integers(1, n + 1))}"
+
     def grid_text(self) -> str:
         n = self.size
         return "\n".join(" ".join(str(v) if v else "." for v in self.board[r * n:(r + 1) * n]) for r in range(n))
