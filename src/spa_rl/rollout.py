@@ -185,7 +185,18 @@ class ChatTokens:
 
 
 # ------------------------------------------------------------------------------------------ policies
-Responder = Callable[[list["_Live"]], list[tuple[str, list[int], list[float], bool]]]
+@dataclass
+class Response:
+    """What the agent answered in one turn."""
+
+    text: str
+    """The response text (special tokens removed)."""
+    token_ids: list[int]
+    """The sampled tokens (empty for scripted policies)."""
+    logprobs: list[float]
+    """Each sampled token's log-probability under the sampling distribution."""
+    truncated: bool
+    """The response hit `max_new_tokens` without a stop token."""
 
 
 @dataclass
@@ -235,19 +246,20 @@ class RolloutEngine:
         return _Live(ep, env, prompt, per_episode)
 
     def _respond(self, live: list[_Live], generator: torch.Generator | None,
-                 rng: np.random.Generator) -> list[tuple[str, list[int], list[float], bool]]:
+                 rng: np.random.Generator) -> list[Response]:
         if self.policy == "model":
             gens = self.backend.generate([lv.prompt_ids for lv in live], self.config.sampling, generator)
-            return [(self.tokenizer.decode(g.token_ids, skip_special_tokens=True), g.token_ids, g.logprobs,
-                     not g.finished) for g in gens]
+            return [Response(self.tokenizer.decode(g.token_ids, skip_special_tokens=True), g.token_ids, g.logprobs,
+                             not g.finished) for g in gens]
         _, per_turn, _ = self.config.limits()
-        return [(scripted_response(lv.env, self.policy, min(per_turn, lv.actions_left), self.config.format, rng),
-                 [], [], False) for lv in live]
+        return [Response(scripted_response(lv.env, self.policy, min(per_turn, lv.actions_left), self.config.format,
+                                           rng), [], [], False) for lv in live]
 
-    def _apply(self, lv: _Live, text: str, ids: list[int], logprobs: list[float], truncated: bool) -> None:
+    def _apply(self, lv: _Live, response: Response) -> None:
         cfg = self.config
         max_turns, per_turn, _ = cfg.limits()
         ep, env = lv.episode, lv.env
+        text, ids = response.text, response.token_ids
         parsed = parse_response(text, cfg.format)
         before = env.render_text()
         if cfg.record_snapshots:
@@ -268,8 +280,8 @@ class RolloutEngine:
         lv.actions_left -= len(executed)
         ep.num_actions += len(executed)
         turn_no = len(ep.turns) + 1
-        ep.turns.append(Turn(turn_no, lv.prompt_ids, ids, logprobs, text, parsed, before, env.render_text(),
-                             executed, valid, effective, round(reward, 6), penalized, truncated))
+        ep.turns.append(Turn(turn_no, lv.prompt_ids, ids, response.logprobs, text, parsed, before, env.render_text(),
+                             executed, valid, effective, round(reward, 6), penalized, response.truncated))
         ep.messages.append({"role": "assistant", "content": text})
         ep.success = env.success
         ep.done = env.done or turn_no >= max_turns or lv.actions_left <= 0
@@ -306,7 +318,7 @@ class RolloutEngine:
             if not active:
                 break
             for lv, out in zip(active, self._respond(active, generator, rng), strict=True):
-                self._apply(lv, *out)
+                self._apply(lv, out)
             still = []
             for lv in active:
                 if lv.episode.done:

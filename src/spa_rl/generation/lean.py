@@ -18,20 +18,21 @@ Its output must match the standard forward to floating-point tolerance (tested i
 Layout. A row's keys and values sliced from the static cache are not contiguous (the cache is wider than
 what is used), and the CPU bf16 matmul copies such operands at every layer and step (measured: most of a
 decode step at batch 32). So at its first step a generation call builds, per cache layer, contiguous copies
-of the rows' keys and values ([length, head_dim] per row and kv head: `lean_k`, `lean_v`; scores are
+of the rows' keys and values ([length, head_dim] per row and kv head: `LeanLayer.k`, `.v`; scores are
 computed as keys @ queries^T, which measured faster than queries @ keys^T for long rows), extended token by
 token. They then are the cache: the layer's standard `keys`/`values` are freed (holding both doubled the
 memory of long multi-turn batches) and `cache_rows` puts a row's columns back together when the caller needs
 them (rows leaving the batch, the cache kept for the next turn).
 Shared prefix: rollout prompts share a long prefix (system prompt and instructions, ~200 of ~340 tokens of
-a first Sokoban turn). Its keys and values are identical in every row, so they are kept once (`lean_kp`,
-`lean_vp`) and attended with one matmul for the whole batch (cascade attention); only each row's own columns
+a first Sokoban turn). Its keys and values are identical in every row, so they are kept once (`LeanLayer.kp`,
+`.vp`) and attended with one matmul for the whole batch (cascade attention); only each row's own columns
 are read row by row. Groups: SPA samples several responses to each prompt, so rows that are copies of one
 prompt also share the prompt's columns after the global prefix (~140 of ~340 columns of a first Sokoban turn).
-Those are kept once per group (`lean_kg`, `lean_vg`) and attended with one matmul per group and kv head
+Those are kept once per group (`LeanLayer.kg`, `.vg`) and attended with one matmul per group and kv head
 (a second cascade level), so a row reads on its own only the tokens it generated.
-Callers that select rows of the cache must select the same rows of `lean_k` and `lean_v` (or drop them),
-and of their `RowGroups`.
+The lean layers of one generation call live in a `LeanCache` the caller owns (nothing is attached to
+transformers' cache objects). Callers that select rows of the cache must select the same rows of the
+`LeanCache` (`select_rows`) and of their `RowGroups`.
 """
 
 from __future__ import annotations
@@ -93,28 +94,79 @@ class RowGroups:
         return t[self.index, :, self.slot]
 
 
-def cache_rows(cl: Any, index: torch.Tensor | None, used: int,
+@dataclass
+class LeanLayer:
+    """One cache layer as the lean step holds it once it has taken the layer over (see "Layout")."""
+
+    kp: torch.Tensor
+    """[nkv, hd, P] keys of the shared prefix (transposed), kept once for the batch."""
+    vp: torch.Tensor
+    """[nkv, P, hd] values of the shared prefix."""
+    kg: torch.Tensor | None
+    """[U, nkv, hd, G] keys of each group's shared columns (transposed), or None without groups."""
+    vg: torch.Tensor | None
+    """[U, nkv, G, hd] values of each group's shared columns."""
+    k: torch.Tensor
+    """[B, nkv, W - end, hd] each row's own keys, contiguous, extended token by token."""
+    v: torch.Tensor
+    """[B, nkv, W - end, hd] each row's own values."""
+    end: int
+    """The first column a row holds on its own (prefix + group columns)."""
+
+    @classmethod
+    def take(cls, cl: Any, prefix: int, groups: RowGroups | None) -> LeanLayer:
+        """Copy cache layer `cl`'s keys and values into the lean layout and free the layer's own tensors: from
+        here on the copies are the cache (`cache_rows` puts rows back together)."""
+        end = prefix + (groups.cols if groups is not None else 0)
+        kg = vg = None
+        if groups is not None:  # one row of each group holds the group's columns (any row if none is left)
+            first = {int(g): r for r, g in reversed(list(enumerate(groups.index.tolist())))}
+            rep = torch.tensor([first.get(g, 0) for g in range(groups.count)], device=cl.keys.device)
+            kg = cl.keys[rep, :, prefix:end].transpose(-1, -2).contiguous()
+            vg = cl.values[rep, :, prefix:end].contiguous()
+        layer = cls(kp=cl.keys[0, :, :prefix].transpose(-1, -2).contiguous(), vp=cl.values[0, :, :prefix].contiguous(),
+                    kg=kg, vg=vg, k=cl.keys[:, :, end:].contiguous(), v=cl.values[:, :, end:].contiguous(), end=end)
+        cl.keys = cl.values = None
+        return layer
+
+
+class LeanCache:
+    """The lean step's state for one generation call: per layer of the caller's `StaticCache`, its `LeanLayer`
+    once the step has taken it over (None before). Owned by the caller for the length of the call, so nothing is
+    attached to transformers' cache objects."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers: list[LeanLayer | None] = [None] * n_layers
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep/duplicate batch rows `index` of every taken layer's own columns."""
+        for layer in self.layers:
+            if layer is not None:
+                layer.k, layer.v = layer.k.index_select(0, index), layer.v.index_select(0, index)
+
+
+def cache_rows(cl: Any, lean: LeanLayer | None, index: torch.Tensor | None, used: int,
                groups: RowGroups | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [rows, nkv, used, hd] of the first `used` columns of cache layer `cl` for the batch rows
-    `index` (all if None): read from the standard cache, or, once a lean step has taken the layer over, put
-    together from the shared prefix, the group columns (`groups`: the layout of the last step's rows) and the
-    rows' own copies."""
-    if cl.keys is not None:
+    `index` (all if None): read from the standard cache, or, once the lean step has taken the layer over
+    (`lean`), put together from the shared prefix, the group columns (`groups`: the layout of the last step's
+    rows) and the rows' own copies."""
+    if lean is None:
         k, v = cl.keys[:, :, :used], cl.values[:, :, :used]
         return (k, v) if index is None else (k.index_select(0, index), v.index_select(0, index))
-    own_k, own_v = cl.lean_k, cl.lean_v
-    group = groups.index if cl.lean_kg is not None and groups is not None else None
+    own_k, own_v = lean.k, lean.v
+    group = groups.index if lean.kg is not None and groups is not None else None
     if index is not None:
         own_k, own_v = own_k.index_select(0, index), own_v.index_select(0, index)
         group = group.index_select(0, index) if group is not None else None
-    prefix, end = cl.lean_kp.shape[-1], cl.lean_end
+    prefix, end = lean.kp.shape[-1], lean.end
     keys = own_k.new_empty((own_k.shape[0], own_k.shape[1], used, own_k.shape[3]))
     values = torch.empty_like(keys)
-    keys[:, :, :prefix] = cl.lean_kp.transpose(-1, -2)
-    values[:, :, :prefix] = cl.lean_vp
+    keys[:, :, :prefix] = lean.kp.transpose(-1, -2)
+    values[:, :, :prefix] = lean.vp
     if group is not None:
-        keys[:, :, prefix:end] = cl.lean_kg.transpose(-1, -2)[group]
-        values[:, :, prefix:end] = cl.lean_vg[group]
+        keys[:, :, prefix:end] = lean.kg.transpose(-1, -2)[group]
+        values[:, :, prefix:end] = lean.vg[group]
     keys[:, :, end:] = own_k[:, :, :used - end]
     values[:, :, end:] = own_v[:, :, :used - end]
     return keys, values
@@ -243,29 +295,12 @@ class LeanDecoder:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return norm.weight * h.to(x.dtype)
 
-    @staticmethod
-    def _layer_state(cl: Any, prefix: int, groups: RowGroups | None) -> tuple[torch.Tensor, ...]:
-        """This call's attention layout of one cache layer (built at its first step, see "Layout" above)."""
-        if getattr(cl, "lean_k", None) is None:
-            end = prefix + (groups.cols if groups is not None else 0)
-            cl.lean_kp = cl.keys[0, :, :prefix].transpose(-1, -2).contiguous()  # [nkv, hd, P]
-            cl.lean_vp = cl.values[0, :, :prefix].contiguous()  # [nkv, P, hd]
-            cl.lean_kg = cl.lean_vg = None
-            if groups is not None:  # one row of each group holds the group's columns (any row if none is left)
-                first = {int(g): r for r, g in reversed(list(enumerate(groups.index.tolist())))}
-                rep = torch.tensor([first.get(g, 0) for g in range(groups.count)], device=cl.keys.device)
-                cl.lean_kg = cl.keys[rep, :, prefix:end].transpose(-1, -2).contiguous()  # [U, nkv, hd, G]
-                cl.lean_vg = cl.values[rep, :, prefix:end].contiguous()  # [U, nkv, G, hd]
-            cl.lean_k = cl.keys[:, :, end:].contiguous()  # [B, nkv, W - end, hd]
-            cl.lean_v = cl.values[:, :, end:].contiguous()  # [B, nkv, W - end, hd]
-            cl.lean_end = end
-            cl.keys = cl.values = None  # from here on the copies are the cache (see `cache_rows`)
-        return cl.lean_kp, cl.lean_vp, cl.lean_kg, cl.lean_vg, cl.lean_k, cl.lean_v
-
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Any, col: int,
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Any, state: LeanCache, col: int,
              mask: torch.Tensor, prefix: int = 0, groups: RowGroups | None = None) -> torch.Tensor:
         """Logits [B, V] of the next token after `tokens` [B] at `positions` [B], written to cache column `col`.
+
+        `state`: this call's `LeanCache` for `cache` (the first step takes each layer over).
 
         `mask` [B, cache width] (bool) marks the cache columns each row attends to, the new column included.
         `prefix`: the first `prefix` columns hold the same tokens at the same positions in every row and every
@@ -287,7 +322,7 @@ class LeanDecoder:
         after = mask[:, prefix:]
         neg = torch.zeros(after.shape, dtype=torch.float32, device=x.device).masked_fill_(~after, float("-inf"))
         neg = neg[:, None, None, :]  # [B, 1, 1, W - P]
-        for layer, (wqkv, bqkv, wo, wgu, wdown), cl in zip(self.layers, self._fused, cache.layers, strict=True):
+        for i, (layer, (wqkv, bqkv, wo, wgu, wdown)) in enumerate(zip(self.layers, self._fused, strict=True)):
             h = self._rms(x, layer.input_layernorm)
             qkv = self._linear(h, wqkv, bqkv)  # [B, (nh + 2 nkv) hd]
             q = qkv[:, :nh * hd].view(b, nh, hd)
@@ -297,7 +332,10 @@ class LeanDecoder:
             rot = torch.cat([-qk[..., half:], qk[..., :half]], -1)
             qk = qk * cos + rot * sin
             q, k = (qk[:, :nh] * scaling).reshape(b, nkv, group, hd), qk[:, nh:]
-            kp, vp, kg, vg, ks, vs = self._layer_state(cl, prefix, groups)
+            lean = state.layers[i]
+            if lean is None:
+                lean = state.layers[i] = LeanLayer.take(cache.layers[i], prefix, groups)
+            kp, vp, kg, vg, ks, vs = lean.kp, lean.vp, lean.kg, lean.vg, lean.k, lean.v
             ks[:, :, col - end] = k
             vs[:, :, col - end] = v
             w = ks.shape[2]
