@@ -44,3 +44,10 @@ def tiny_model_dir(tokenizer, tmp_path_factory):
     build_tiny_model(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def collect_data(env: str, out, **settings):
+    """`spa collect` from Python: settings by name, as on the command line (quiet)."""
+    from spa_rl.collect import CollectConfig, collect
+
+    return collect(CollectConfig.make(env=env, out=str(out), **settings), quiet=True)

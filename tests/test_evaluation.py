@@ -9,15 +9,15 @@ import pytest
 
 from spa_rl.cli import main
 from spa_rl.evaluation import (
-    VALIDATION_SEED_OFFSET,
+    EvalConfig,
     cell_accuracy,
     compute_metrics,
     evaluate,
     normalize_state,
     pass_at_k,
-    validation_seeds,
     world_model_metrics,
 )
+from spa_rl.seeds import VALIDATION_SEED_OFFSET, validation_seeds
 
 METRIC_KEYS = {"pass@1", "any@8", "success_per_puzzle", "action_valid_rate", "action_effective_rate",
                "mean_actions", "mean_response_tokens", "format_rate", "observation_exact", "observation_cell_acc",
@@ -63,7 +63,8 @@ def test_validation_seeds_are_disjoint_from_training():
 
 def test_solver_scores_perfectly(tmp_path):
     for env in ("sokoban", "frozenlake-det"):
-        m = evaluate(env, policy="solver", puzzles=8, samples=4, out=str(tmp_path / env), quiet=True)
+        m = evaluate(EvalConfig.make(env=env, policy="solver", puzzles=8, samples=4, out=str(tmp_path / env)),
+                     quiet=True)
         assert m["pass@1"] == 1.0 and m["prediction_exact"] == 1.0 and m["observation_exact"] == 1.0
         assert m["pass@4"] == 1.0 and m["format_rate"] == 1.0
         saved = json.loads((tmp_path / env / "metrics.json").read_text())
@@ -73,7 +74,7 @@ def test_solver_scores_perfectly(tmp_path):
 
 
 def test_random_policy_pass_at_k_is_consistent_with_its_success_rates():
-    m = evaluate("frozenlake-det", policy="random", puzzles=16, samples=8, quiet=True)
+    m = evaluate(EvalConfig.make(env="frozenlake-det", policy="random", puzzles=16, samples=8), quiet=True)
     per = m["success_per_puzzle"].values()
     assert m["pass@1"] == pytest.approx(sum(per) / len(per))
     assert m["pass@1"] <= m["pass@2"] <= m["pass@4"] <= m["pass@8"] == m["any@8"]
@@ -104,14 +105,17 @@ def test_eval_cli_scripted_and_errors(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["eval", "--env", "sokoban", "--policy", "solver", "--out", str(blocker / "sub")]) == 2
     assert "cannot write to" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["eval", "--env", "sokoban", "--temperature", "-1"])
+    assert main(["eval", "--env", "sokoban", "--temperature", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "temperature must be >= 0" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:  # not a number at all: argparse's usage message
+        main(["eval", "--env", "sokoban", "--temperature", "warm"])
     assert e.value.code == 2
 
 
 def test_eval_with_a_tiny_model_directory(tiny_model_dir, tmp_path):
-    m = evaluate("sokoban", model=str(tiny_model_dir), puzzles=2, samples=2, max_new_tokens=8,
-                 out=str(tmp_path / "tiny"), quiet=True)
+    m = evaluate(EvalConfig.make(env="sokoban", model=str(tiny_model_dir), puzzles=2, samples=2, max_new_tokens=8,
+                                 out=str(tmp_path / "tiny")), quiet=True)
     assert m["format_rate"] == 0.0 and m["mean_response_tokens"] > 0 and m["config"]["path"] == str(tiny_model_dir)
 
 

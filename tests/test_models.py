@@ -7,7 +7,8 @@ import torch
 from conftest import build_tiny_model
 
 from spa_rl.errors import SpaError
-from spa_rl.models import load_model, next_token_logits, pick_dtype
+from spa_rl.models import load_model, next_token_logits
+from spa_rl.training.precision import resolve_precision
 
 
 def test_load_local_directory(tiny_model_dir):
@@ -38,11 +39,25 @@ def test_unknown_model_is_a_one_line_error():
         load_model("someone/not-a-model-here")
 
 
-def test_dtype_choice():
-    assert pick_dtype("cpu", "fp32") == torch.float32 and pick_dtype("cpu", "bf16") == torch.bfloat16
-    assert pick_dtype("cpu") in (torch.bfloat16, torch.float32)
+def test_one_precision_choice_for_inference_and_training(monkeypatch):
+    """`auto` gives bf16 only with native bf16, the same for inference and training; each refuses what it
+    cannot run."""
+    import spa_rl.training.precision as precision
+
+    assert resolve_precision("fp32", "cpu").weights == torch.float32
+    assert resolve_precision("bf16", "cpu").weights == torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_supports_bf16", lambda native=native: native)
+        inference, training = resolve_precision("auto", "cpu"), resolve_precision("auto", "cpu", training=True)
+        assert inference.name == training.name == ("bf16" if native else "fp32")
+        assert training.master_weights == native
     with pytest.raises(SpaError, match="unknown dtype"):
-        pick_dtype("cpu", "int3")
+        resolve_precision("int3", "cpu")
+    with pytest.raises(SpaError, match="needs loss scaling"):
+        resolve_precision("fp16", "cpu", training=True)
+    with pytest.raises(SpaError, match="training precision"):
+        resolve_precision("bf16-autocast", "cpu")
+    assert resolve_precision("bf16-autocast", "cpu", training=True).autocast == torch.bfloat16
 
 
 @pytest.mark.parametrize("lora", [False, True])

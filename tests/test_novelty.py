@@ -50,6 +50,8 @@ def test_novelty_cli_reports_both_renders(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "nov.json"
     assert main(["novelty", "--model", str(tiny_model_dir), "--env", "sudoku", "--puzzles", "2",
                  "--out", str(out)]) == 0
-    (report,) = json.loads(out.read_text())
+    saved = json.loads(out.read_text())
+    (report,) = saved["reports"]
     assert report["env"] == "sudoku" and report["grid"]["states"] > 0 and report["grid+coords"]["perplexity"] > 1
+    assert saved["config"]["env"] == ["sudoku"] and saved["config"]["puzzles"] == 2
     assert main(["novelty", "--env", "nope"]) == 2

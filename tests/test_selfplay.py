@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import collect_data
 from test_rollout import ScriptedBackend
 
 from spa_rl.cli import main
 from spa_rl.errors import SpaError
 from spa_rl.prompts import parse_response
 from spa_rl.rollout import RolloutConfig, RolloutEngine
-from spa_rl.selfplay import CollectConfig, DatasetWriter, collect, read_jsonl
+from spa_rl.collect import DatasetWriter
+from spa_rl.io import read_jsonl
 
 GOOD_BUT_WRONG = ("<think> <observation> I am somewhere </observation> let us go <prediction> ###\n#P# "
                   "</prediction> </think> <answer> Down || Left </answer>")
@@ -38,7 +40,7 @@ def _episodes(tokenizer, texts, seeds=(0, 1, 2)):
 @pytest.mark.parametrize("filter_malformed", [False, True])
 def test_rewrite_puts_exactly_the_true_states_in_both_tags(tokenizer, tmp_path, filter_malformed):
     episodes = _episodes(tokenizer, [GOOD_BUT_WRONG, MALFORMED, GOOD_BUT_WRONG])
-    writer = DatasetWriter(CollectConfig(str(tmp_path), 0.5, filter_malformed), {"t": 1})
+    writer = DatasetWriter(tmp_path, val_fraction=0.5, filter_malformed=filter_malformed)
     stats = writer.add("u", episodes, "world-model", "grid+coords", {})
     writer.finalize()
     rows = read_jsonl(tmp_path / "train.jsonl") + read_jsonl(tmp_path / "val.jsonl")
@@ -60,7 +62,7 @@ def test_rewrite_puts_exactly_the_true_states_in_both_tags(tokenizer, tmp_path, 
 
 
 def test_split_never_shares_a_trajectory(tmp_path):
-    stats = collect("sokoban", str(tmp_path), policy="random", puzzles=40, samples=4, val_fraction=0.25, quiet=True)
+    stats = collect_data("sokoban", str(tmp_path), policy="random", puzzles=40, samples=4, val_fraction=0.25)
     train = read_jsonl(tmp_path / "train.jsonl")
     val = read_jsonl(tmp_path / "val.jsonl")
     t_ids = {r["meta"]["trajectory"] for r in train}
@@ -74,7 +76,7 @@ def test_split_never_shares_a_trajectory(tmp_path):
 
 def test_interrupted_collection_resumes_without_duplicates(tmp_path, monkeypatch):
     full = tmp_path / "full"
-    collect("frozenlake-det", str(full), policy="random", puzzles=12, samples=2, quiet=True)
+    collect_data("frozenlake-det", str(full), policy="random", puzzles=12, samples=2)
     want = read_jsonl(full / "train.jsonl") + read_jsonl(full / "val.jsonl")
 
     part = tmp_path / "part"
@@ -89,20 +91,20 @@ def test_interrupted_collection_resumes_without_duplicates(tmp_path, monkeypatch
 
     monkeypatch.setattr(RolloutEngine, "run_tasks", flaky)
     with pytest.raises(KeyboardInterrupt):
-        collect("frozenlake-det", str(part), policy="random", puzzles=12, samples=2, quiet=True)
+        collect_data("frozenlake-det", str(part), policy="random", puzzles=12, samples=2)
     assert len(list((part / "shards").glob("*.jsonl"))) == 2  # what was written is complete and valid
     for shard in (part / "shards").glob("*.jsonl"):
         read_jsonl(shard)
     monkeypatch.setattr(RolloutEngine, "run_tasks", original)
-    collect("frozenlake-det", str(part), policy="random", puzzles=12, samples=2, quiet=True)
+    collect_data("frozenlake-det", str(part), policy="random", puzzles=12, samples=2)
     got = read_jsonl(part / "train.jsonl") + read_jsonl(part / "val.jsonl")
     assert [json.dumps(r) for r in got] == [json.dumps(r) for r in want]
 
 
 def test_collection_with_other_settings_is_refused(tmp_path):
-    collect("sokoban", str(tmp_path), policy="solver", puzzles=2, samples=1, quiet=True)
-    with pytest.raises(SpaError, match="other settings"):
-        collect("frozenlake-det", str(tmp_path), policy="solver", puzzles=2, samples=1, quiet=True)
+    collect_data("sokoban", str(tmp_path), policy="solver", puzzles=2, samples=1)
+    with pytest.raises(SpaError, match=r"other settings \(rollout.env: \"sokoban\" -> \"frozenlake-det\"\)"):
+        collect_data("frozenlake-det", str(tmp_path), policy="solver", puzzles=2, samples=1)
 
 
 def test_malformed_dataset_line_is_named(tmp_path, capsys):
@@ -122,7 +124,7 @@ def test_collect_cli_summary(tmp_path, capsys):
 
 def test_novelty_guided_collection_branches_from_the_most_novel_states(tiny_model_dir, tmp_path, monkeypatch):
     """After the first shard, half of each shard's groups start from the highest-N(s) states seen so far."""
-    import spa_rl.selfplay as sp
+    import spa_rl.collect as sp
     from spa_rl import envs
 
     calls = []
@@ -134,8 +136,8 @@ def test_novelty_guided_collection_branches_from_the_most_novel_states(tiny_mode
         return out
 
     monkeypatch.setattr(sp, "_score_new_states", spy)
-    collect("sokoban", str(tmp_path), policy="novelty", model=str(tiny_model_dir), puzzles=8, samples=2,
-            max_new_tokens=4, puzzles_per_shard=4, filter_malformed=False, quiet=True)
+    collect_data("sokoban", str(tmp_path), policy="novelty", model=str(tiny_model_dir), puzzles=8, samples=2,
+                 max_new_tokens=4, puzzles_per_shard=4, filter_malformed=False)
     rows = read_jsonl(tmp_path / "train.jsonl") + read_jsonl(tmp_path / "val.jsonl")
     branched = {r["meta"]["trajectory"] for r in rows if r["meta"]["sample"] >= 10_000}
     assert len(branched) == 2 * 2, "2 of the second shard's 4 groups, 2 samples each"
@@ -151,26 +153,27 @@ def test_novelty_guided_collection_branches_from_the_most_novel_states(tiny_mode
 
 
 def test_selfplay_rounds_log_heldout_novelty_and_resume(tiny_model_dir, tmp_path, monkeypatch):
-    from spa_rl.selfplay import selfplay_rounds
+    from spa_rl.selfplay import SelfPlayConfig, selfplay_rounds
 
-    kwargs = dict(rounds=2, model=str(tiny_model_dir), policy="solver", puzzles=2, samples=1, heldout_puzzles=2,
-                  sft_overrides={"epochs": 1, "tensorboard": False, "dtype": "fp32"}, quiet=True)
-    history = selfplay_rounds("frozenlake-det", str(tmp_path), **kwargs)
+    config = SelfPlayConfig.make(out=str(tmp_path), env="frozenlake-det", rounds=2, model=str(tiny_model_dir),
+                                 policy="solver", puzzles=2, samples=1, heldout_puzzles=2, epochs=1,
+                                 tensorboard=False, dtype="fp32")
+    history = selfplay_rounds(config, quiet=True)
     assert [h["round"] for h in history] == [0, 1, 2]
     assert history[2]["model"].endswith("round-2/sft/model") and history[1]["heldout"]["states"] > 0
     assert len(read_jsonl(tmp_path / "rounds.jsonl")) == 3 and (tmp_path / "novelty.png").is_file()
     # a rerun finds every round done and trains nothing
-    import spa_rl.sft as sft
+    import spa_rl.selfplay as sp
 
-    monkeypatch.setattr(sft, "train_sft", lambda *a, **k: pytest.fail("retrained a finished round"))
-    assert selfplay_rounds("frozenlake-det", str(tmp_path), **kwargs) == history
+    monkeypatch.setattr(sp, "train_sft", lambda *a, **k: pytest.fail("retrained a finished round"))
+    assert selfplay_rounds(config, quiet=True) == history
 
 
 def test_novelty_guided_collection_with_a_scripted_actor(tiny_model_dir, tmp_path):
     """--novelty-actor random: the tiny model only scores states, random actions are played (so every turn is
     well formed), and later shards still branch from novel states."""
-    stats = collect("sokoban", str(tmp_path), policy="novelty", novelty_actor="random", model=str(tiny_model_dir),
-                    puzzles=8, samples=2, puzzles_per_shard=4, quiet=True)
+    stats = collect_data("sokoban", str(tmp_path), policy="novelty", novelty_actor="random",
+                         model=str(tiny_model_dir), puzzles=8, samples=2, puzzles_per_shard=4)
     rows = read_jsonl(tmp_path / "train.jsonl") + read_jsonl(tmp_path / "val.jsonl")
     assert stats.dropped_malformed == 0 and stats.kept + stats.dropped_duplicate == stats.turns
     assert len({r["meta"]["trajectory"] for r in rows if r["meta"]["sample"] >= 10_000}) == 4

@@ -9,24 +9,23 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, collect_data
 
 from spa_rl.cli import main
 from spa_rl.errors import SpaError
 from spa_rl.models import right_padded_batch
-from spa_rl.selfplay import collect
 from spa_rl.sft import (
-    MasterWeights,
     SFTConfig,
-    _batches,
-    _epoch_batches,
     encode_conversation,
+    epoch_batches,
     encode_sample,
     load_dataset,
+    micro_batches,
     pack_trajectories,
     token_nll_sum,
     train_sft,
 )
+from spa_rl.training import MasterWeights
 
 CONTENT = ("<think> <observation>\n_P\nG_\n</observation> go down-left <prediction>\n__\n√_\n</prediction> "
            "</think> <answer> Left || Down </answer>")
@@ -58,7 +57,7 @@ def test_masked_loss_drops_exactly_the_state_contents(tokenizer):
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("ds")
-    collect("frozenlake-det", str(path), policy="solver", puzzles=2, samples=1, val_fraction=0.0, quiet=True)
+    collect_data("frozenlake-det", str(path), policy="solver", puzzles=2, samples=1, val_fraction=0.0)
     return path
 
 
@@ -85,7 +84,7 @@ def test_tiny_model_fine_tuned_on_transitions_reproduces_them(tokenizer, tmp_pat
 
     from spa_rl.models import load_model
     from spa_rl.rollout import RolloutConfig, RolloutEngine
-    from spa_rl.selfplay import CollectConfig, DatasetWriter
+    from spa_rl.collect import DatasetWriter
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -96,12 +95,12 @@ def test_tiny_model_fine_tuned_on_transitions_reproduces_them(tokenizer, tmp_pat
     tokenizer.save_pretrained(tmp_path / "base")
     engine = RolloutEngine(RolloutConfig(env="frozenlake-det", render="grid", env_overrides={"size": 3}),
                            policy="solver")
-    writer = DatasetWriter(CollectConfig(str(tmp_path / "data"), 0.0), {"env": "frozenlake-det"})
+    writer = DatasetWriter(tmp_path / "data", val_fraction=0.0, manifest={"env": "frozenlake-det"})
     writer.add("u", engine.run([0, 1, 2]), "world-model", "grid", {})
     writer.finalize()
     rows, _, _ = load_dataset(str(tmp_path / "data"))
     assert len(rows) == 3
-    train_sft(SFTConfig(data=str(tmp_path / "data"), out=str(tmp_path / "sft"), model=str(tmp_path / "base"),
+    train_sft(SFTConfig.make(data=str(tmp_path / "data"), out=str(tmp_path / "sft"), model=str(tmp_path / "base"),
                         epochs=200, lr=6e-3, warmup_ratio=0.05, batch_size=3, micro_batch_size=3,
                         save_epochs=False, tensorboard=False, dtype="fp32"), quiet=True)
     lm = load_model(str(tmp_path / "sft" / "model"), dtype="fp32")
@@ -115,7 +114,7 @@ def test_tiny_model_fine_tuned_on_transitions_reproduces_them(tokenizer, tmp_pat
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_interrupted_sft_resumes_to_the_same_model(small_dataset, tiny64, tmp_path, monkeypatch, dtype):
     def config(out):
-        return SFTConfig(data=str(small_dataset), out=str(out), model=str(tiny64), epochs=4, batch_size=1,
+        return SFTConfig.make(data=str(small_dataset), out=str(out), model=str(tiny64), epochs=4, batch_size=1,
                          micro_batch_size=1, tensorboard=False, dtype=dtype, lr=1e-3, pack=False)
 
     straight = train_sft(config(tmp_path / "a"), quiet=True)
@@ -143,7 +142,7 @@ def test_interrupted_sft_resumes_to_the_same_model(small_dataset, tiny64, tmp_pa
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert all(v.dtype == torch.float32 for v in b.values()), "a bf16 run saves its fp32 master weights"
     assert json.loads((tmp_path / "b" / "model" / "config.json").read_text())["dtype"] == "float32"
-    from spa_rl.runlog import read_metrics
+    from spa_rl.io import read_jsonl as read_metrics
 
     steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/train" in r]
     assert steps == list(range(1, 13)), "the resumed run's log is one history, without the lost steps twice"
@@ -158,7 +157,7 @@ def test_lora_sft_gives_an_adapter_that_eval_loads(small_dataset, tiny64, tmp_pa
 
     from spa_rl.models import load_model
 
-    train_sft(SFTConfig(data=str(small_dataset), out=str(tmp_path), model=str(tiny64), epochs=1, lora=True,
+    train_sft(SFTConfig.make(data=str(small_dataset), out=str(tmp_path), model=str(tiny64), epochs=1, lora=True,
                         batch_size=2, micro_batch_size=1, tensorboard=False, dtype=dtype), quiet=True)
     assert (tmp_path / "model" / "adapter_config.json").is_file()
     adapter = load_file(tmp_path / "model" / "adapter_model.safetensors")
@@ -200,7 +199,7 @@ def test_master_weights_accumulate_in_fp32_and_write_back_rounded(tokenizer):
 def test_packed_trajectories_give_the_same_loss_terms_as_one_row_per_turn(tokenizer, tmp_path):
     """One sequence per trajectory with the loss on all its turns: the same loss tokens, the same summed NLL
     (each turn sees the same context), for both loss variants; fewer tokens in all."""
-    collect("sokoban", str(tmp_path / "d"), policy="random", puzzles=4, samples=2, val_fraction=0.0, quiet=True)
+    collect_data("sokoban", str(tmp_path / "d"), policy="random", puzzles=4, samples=2, val_fraction=0.0)
     rows = load_dataset(str(tmp_path / "d"))[0]
     packed = pack_trajectories(rows)
     assert len(packed) < len(rows) and sum(len(t) for _, t in packed) == len(rows)
@@ -229,35 +228,35 @@ def test_mask_never_leaves_the_assistant_turn_when_eos_is_not_the_end_of_turn(to
 
 def test_batches_count_turns():
     """Global batches hold `batch_size` turns: exactly, one sequence per turn; at least, packed."""
-    per_turn = _epoch_batches([1] * 10, 4, seed=0)
+    per_turn = epoch_batches([1] * 10, 4, seed=0)
     assert [len(b) for b in per_turn] == [4, 4, 2] and sorted(i for b in per_turn for i in b) == list(range(10))
     turns = [3, 1, 4, 2, 2, 5, 1]
-    packed = _epoch_batches(turns, 4, seed=1)
+    packed = epoch_batches(turns, 4, seed=1)
     assert sorted(i for b in packed for i in b) == list(range(7))
     assert all(4 <= sum(turns[i] for i in b) < 4 + 5 for b in packed[:-1])
 
 
 def test_micro_batches_respect_the_token_budget():
     seqs = [([0] * n, [1] * n) for n in (100, 200, 300, 900, 2000)]
-    micro = _batches(seqs, [0, 1, 2, 3, 4], size=4, max_tokens=1000)
+    micro = micro_batches(seqs, [0, 1, 2, 3, 4], size=4, max_tokens=1000)
     assert micro == [[0, 1, 2], [3], [4]], "3 x 300 fits 1000; 900 alone; 2000 alone even over the budget"
-    assert _batches(seqs, [0, 1, 2, 3, 4], size=2) == [[0, 1], [2, 3], [4]]
+    assert micro_batches(seqs, [0, 1, 2, 3, 4], size=2) == [[0, 1], [2, 3], [4]]
     similar = [([0] * n, [1] * n) for n in (500, 505, 520, 700, 710)]
-    assert _batches(similar, [0, 1, 2, 3, 4], size=4, max_padding=0.1) == [[0, 1, 2], [3, 4]], \
+    assert micro_batches(similar, [0, 1, 2, 3, 4], size=4, max_padding=0.1) == [[0, 1, 2], [3, 4]], \
         "700 would make a fifth of [500, 505, 520, 700] padding"
 
 
 def test_overlong_packed_trajectory_falls_back_to_its_turns(tokenizer, tmp_path):
     """Packing keeps exactly the turns one sequence per turn would keep when some exceed max_length."""
-    collect("sokoban", str(tmp_path / "d"), policy="random", puzzles=3, samples=2, val_fraction=0.0, quiet=True)
+    collect_data("sokoban", str(tmp_path / "d"), policy="random", puzzles=3, samples=2, val_fraction=0.0)
     rows = load_dataset(str(tmp_path / "d"))[0]
     lengths = [len(encode_sample(tokenizer, r, "full")[0]) for r in rows]
     limit = max(lengths) - 1  # the longest trajectory's last turn no longer fits, its earlier turns do
     model_dir = tmp_path / "m"
     build_tiny_model(tokenizer).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    result = train_sft(SFTConfig(data=str(tmp_path / "d"), out=str(tmp_path / "o"), model=str(model_dir), epochs=1,
-                                 max_length=limit, tensorboard=False, dtype="fp32"), quiet=True)
+    result = train_sft(SFTConfig.make(data=str(tmp_path / "d"), out=str(tmp_path / "o"), model=str(model_dir),
+                                      epochs=1, max_length=limit, tensorboard=False, dtype="fp32"), quiet=True)
     too_long = sum(n > limit for n in lengths)
     assert too_long >= 1 and result["dropped_too_long"] == too_long
     assert result["train_samples"] == len(rows) - too_long, "the same rows as one sequence per turn would keep"
@@ -270,8 +269,8 @@ def test_max_samples_trains_on_a_fixed_subset(small_dataset, tiny64, tmp_path):
     assert n_train > 2
     runs = []
     for name in ("a", "b"):
-        config = SFTConfig(data=str(small_dataset), out=str(tmp_path / name), model=str(tiny64), epochs=1,
-                           batch_size=2, micro_batch_size=1, tensorboard=False, dtype="fp32", max_train_samples=2)
+        config = SFTConfig.make(data=str(small_dataset), out=str(tmp_path / name), model=str(tiny64), epochs=1,
+                                batch_size=2, micro_batch_size=1, tensorboard=False, dtype="fp32", max_train_samples=2)
         runs.append(train_sft(config, quiet=True))
     assert runs[0]["train_samples"] == 2 and runs[0]["steps"] == 1
     from safetensors.torch import load_file

@@ -88,8 +88,14 @@ class Config:
     def make(cls, settings: dict[str, Any] | None = None, **kw: Any) -> Any:
         """Build from settings named by dotted path or unique suffix: `SFTConfig.make(data=d, out=o, lr=1e-5)`,
         `EvalConfig.make({"sampling.temperature": 0.7, "env": "sokoban"})`."""
-        items = {**(settings or {}), **kw}
-        return build(cls, {resolve(cls, k): coerce(_leaf(cls, resolve(cls, k)), v, k) for k, v in items.items()})
+        values: dict[tuple[str, ...], Any] = {}
+        for key, value in {**(settings or {}), **kw}.items():
+            if is_dataclass(value) and not isinstance(value, type):  # a whole nested part, e.g. model=ModelConfig()
+                values[_part(cls, key)] = value
+            else:
+                path = resolve(cls, key)
+                values[path] = coerce(_leaf(cls, path), value, key)
+        return build(cls, values)
 
 
 # ------------------------------------------------------------------------------------------ introspection
@@ -172,20 +178,58 @@ def leaves(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -> lis
     return out
 
 
+@functools.cache
+def _hidden(cls: type) -> frozenset[str]:
+    """Dotted paths hidden by `cls` and by the nested configs inside it (prefixed)."""
+    out = set(getattr(cls, "hidden", ()))
+    hints = _hints(cls)
+    for f in fields(cls):
+        nested = _nested_type(hints[f.name])
+        if nested is not None:
+            out |= {f"{f.name}.{h}" for h in _hidden(nested)}
+    return frozenset(out)
+
+
 def _visible(cls: type) -> list[Leaf]:
-    hidden = set(getattr(cls, "hidden", ()))
+    hidden = _hidden(cls)
     return [lf for lf in leaves(cls) if lf.key not in hidden and not any(lf.key.startswith(h + ".") for h in hidden)]
+
+
+def _part(cls: type, key: str) -> tuple[str, ...]:
+    """The path of the nested config field named by the dotted path `key` (exactly), or a one-line error."""
+    path, current = tuple(key.split(".")), cls
+    for name in path:
+        tp = {f.name: _hints(current)[f.name] for f in fields(current)}.get(name)
+        current = _nested_type(tp) if tp is not None else None
+        if current is None:
+            raise SpaError(f"{key!r} is not a nested part of {cls.__name__}")
+    return path
 
 
 def _leaf(cls: type, path: tuple[str, ...]) -> Leaf:
     return next(lf for lf in leaves(cls) if lf.path == path)
 
 
+def _names(parts: tuple[str, ...], path: tuple[str, ...]) -> bool:
+    """Whether a key's parts name `path`: the last part is the setting, the others appear in order before it
+    (`sft.dtype` names `sft.model.dtype`)."""
+    if not parts or parts[-1] != path[-1]:
+        return False
+    it = iter(path[:-1])
+    return all(p in it for p in parts[:-1])
+
+
 def resolve(cls: type, key: str) -> tuple[str, ...]:
-    """The path of the setting named `key` (a dotted path or a unique suffix of one), or a one-line error."""
+    """The path of the setting named `key` (a dotted path, a unique suffix of one, or its components in order
+with some left out, as `sft.dtype` for `sft.model.dtype`), or a one-line error."""
     parts = tuple(p.replace("-", "_") for p in key.strip().split("."))
     visible = _visible(cls)
-    matches = [lf.path for lf in visible if lf.path[-len(parts):] == parts]
+    matches = [lf.path for lf in visible if _names(parts, lf.path)]
+    exact = [m for m in matches if m[-len(parts):] == parts]  # `sampling.temperature` over `x.sampling.y.temperature`
+    matches = exact if len(exact) == 1 else matches
+    if not matches and len(parts) == 1:  # a flag's own name: `lora` for `lora.enabled` (--lora)
+        matches = [lf.path for lf in visible if lf.meta.get("flag") and not lf.meta["flag"].startswith("--no-")
+                   and lf.meta["flag"].lstrip("-").replace("-", "_") == parts[0]]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
@@ -405,7 +449,8 @@ def _help(leaf: Leaf) -> str:
     base, _ = _optional(leaf.type)
     if base is bool:
         return text
-    shown = leaf.default if not isinstance(leaf.default, list | tuple | dict) else json.dumps(leaf.default)
+    shown = json.dumps(leaf.default) if isinstance(leaf.default, list | tuple | dict) else leaf.default
+    shown = "none" if shown is None else shown
     rng = _describe_range(leaf.meta)
     return f"{text} (default: {shown}{'; ' + rng if rng else ''})"
 
@@ -453,7 +498,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
                 args = get_args(base)
                 kwargs["type"] = functools.partial(_from_text, Leaf(lf.path, lf.field, args[0] if args else str,
                                                                     lf.doc, MISSING))
-            kwargs["metavar"] = lf.meta.get("metavar") or (None if "choices" in kwargs else lf.path[-1].upper())
+            kwargs["metavar"] = lf.meta.get("metavar") or (None if "choices" in kwargs
+                                                           else flag.lstrip("-").upper().replace("-", "_"))
             kwargs["required"] = lf.default is MISSING or lf.path[-1] in required
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--config", metavar="FILE", help="read settings from a TOML file (or a stage's config.json); "
@@ -519,9 +565,10 @@ def claim_output(path: str | Path, stage: str, config: Any, done: str | None = N
     """Make `path` the output directory of `stage` run with `config`, or refuse in one line.
 
     New or empty: `config.json` is written. Holding this stage's `config.json` with the same settings (volatile
-    ones aside): resumed, and `finished` if the file `done` exists. Anything else is refused: another stage's
-    output, a non-empty directory that no stage made, or this stage with other settings (the differences are
-    listed). Call it before any slow work, so mistakes cost nothing."""
+    ones aside): resumed, and `finished` if the file `done` exists. Holding only this stage's `config.json` (a run
+    that stopped before doing any work): taken over with the new settings. Anything else is refused: another
+    stage's output, a non-empty directory that no stage made, or this stage's work with other settings (the
+    differences are listed). Call it before any slow work, so mistakes cost nothing."""
     from spa_rl import __version__
     from spa_rl.io import atomic_write_json, read_json, writable_dir
 
@@ -537,6 +584,10 @@ def claim_output(path: str | Path, stage: str, config: Any, done: str | None = N
         if other != stage:
             raise SpaError(f"{path} holds the output of `spa {other}`, not `{command}`: pass another output directory")
         changes = diff(stored.get("config", {}), record["config"], volatile_paths(type(config)))
+        started = any(p.name != CONFIG_FILE and not p.name.startswith(".spa-probe") for p in path.iterdir())
+        if changes and not started:  # a run that failed before doing any work: nothing to resume, nothing lost
+            atomic_write_json(file, record)
+            return Output(path, False, False)
         if changes:
             raise SpaError(f"{path} was made with other settings ({'; '.join(changes)}): rerun with the same settings "
                            f"to resume it, or pass another output directory (or delete {path}) to start fresh")
@@ -548,3 +599,11 @@ def claim_output(path: str | Path, stage: str, config: Any, done: str | None = N
     writable_dir(path)
     atomic_write_json(file, record)
     return Output(path, False, False)
+
+
+@dataclass(kw_only=True)
+class Seeded(Config):
+    """A config with a seed (every stage)."""
+
+    seed: int = setting(0, ge=0)
+    """Random seed: the same seed and settings give the same puzzles, samples and data order."""

@@ -10,20 +10,34 @@ anything.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from spa_rl import envs
+from spa_rl.config import Seeded, setting
+from spa_rl.models import ModelConfig
+from spa_rl.progress import progress_bar
 
 DEMO_ENVS = ("sokoban", "frozenlake", "sudoku")
 
 
-def run_demo(console: Console, puzzles: int = 200, seed: int = 0, model_puzzles: int = 4,
-             model: str | None = None) -> int:
+@dataclass(kw_only=True)
+class DemoConfig(Seeded):
+    """`spa demo`: the environments with scripted policies, then the model zero-shot."""
+
+    puzzles: int = setting(200, ge=1)
+    """Puzzles per environment played by the scripted policies (seeds from --seed on)."""
+    model_puzzles: int = setting(4, ge=0)
+    """Sokoban validation puzzles for the zero-shot model evaluation (0 skips it)."""
+    model: ModelConfig = setting(factory=ModelConfig)
+
+
+def run_demo(console: Console, config: DemoConfig) -> int:
     """Print the tour; return the exit code."""
+    puzzles, seed, model_puzzles = config.puzzles, config.seed, config.model_puzzles
     rows = []
     for name in DEMO_ENVS:
         variant = envs.get_variant(name)
@@ -38,9 +52,8 @@ def run_demo(console: Console, puzzles: int = 200, seed: int = 0, model_puzzles:
         stats = {"random": [], "solver": []}
         steps = 0
         t_gen = t_step = 0.0
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=console, transient=True) as progress:
-            task = progress.add_task(f"{name}: playing {puzzles} puzzles x 2 policies", total=puzzles)
+        with progress_bar(transient=True) as progress:
+            task = progress.add_task(f"{name}: playing {puzzles} puzzles x 2 policies", total=puzzles, unit="puzzles")
             rng = np.random.default_rng(seed)
             for s in range(seed, seed + puzzles):
                 for policy in stats:
@@ -71,13 +84,13 @@ def run_demo(console: Console, puzzles: int = 200, seed: int = 0, model_puzzles:
     console.print(table)
     console.print("The solver is below 100% only where the dynamics are random (slippery FrozenLake).")
     if model_puzzles > 0:
-        from spa_rl.evaluation import evaluate, metrics_table
+        from spa_rl.evaluation import EvalConfig, evaluate, metrics_table
 
         console.rule("[bold]the embedded model, zero-shot[/bold]")
-        name = model or "smollm2-135m"
+        name = config.model.model
         for policy in ("model", "random", "solver"):
-            m = evaluate("sokoban", model=name if policy == "model" else None, policy=policy,
-                         puzzles=model_puzzles, samples=2, max_new_tokens=128)
+            m = evaluate(EvalConfig.make(model=config.model if policy == "model" else ModelConfig(), env="sokoban",
+                                         policy=policy, puzzles=model_puzzles, samples=2, max_new_tokens=128))
             console.print(metrics_table(m, title=f"{name if policy == 'model' else policy} on sokoban, "
                                                  f"{model_puzzles} validation puzzles x 2 samples"))
         console.print("A small model does not follow the SPA format zero-shot: self-play fine-tuning (next "

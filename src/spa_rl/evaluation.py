@@ -4,27 +4,30 @@ Pass@k is the unbiased estimator 1 − C(n−c, k)/C(n, k) of SPEC §7, per puzz
 one of the n samples succeeded" (what the reference code calls pass@8). World-model accuracy compares the
 agent's own `<observation>` and `<prediction>` with the true states, exactly (after whitespace normalisation)
 and cell by cell on the grid. No maintained library computes these for multi-turn text agents, so they are
-here. This module must never touch a model or an env: it only reads episodes.
+here. Apart from `evaluate`, which runs the episodes, this module must never touch a model or an env: the
+metrics only read episodes.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
+from spa_rl.config import Seeded, claim_output, setting
 from spa_rl.envs.base import COORDS_SENTENCE
-from spa_rl.rollout import Episode
+from spa_rl.errors import SpaError
+from spa_rl.generation import make_backend
+from spa_rl.io import atomic_write_json, atomic_write_jsonl, read_json
+from spa_rl.models import DEFAULT_MODEL, ModelConfig, load_model
+from spa_rl.progress import progress_bar
+from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine
+from spa_rl.seeds import validation_seeds
 
-VALIDATION_SEED_OFFSET = 1_000_000_000
-"""Validation puzzles use seeds from here on; training uses seeds below it, so the two never overlap."""
 PASS_KS = (1, 2, 4, 8, 16)
-
-
-def validation_seeds(n: int) -> list[int]:
-    """The fixed validation puzzle seeds (the same at every evaluation)."""
-    return [VALIDATION_SEED_OFFSET + i for i in range(n)]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -126,42 +129,61 @@ def world_model_metrics(turns: Sequence[tuple[str | None, str | None, str, str]]
 
 
 # ------------------------------------------------------------------------------------------ the command
-def evaluate(env: str, model: str | None = None, policy: str = "model", render: str = "grid+coords",
-             fmt: str = "world-model", puzzles: int = 32, samples: int = 8, temperature: float = 1.0,
-             max_new_tokens: int = 256, out: str | None = None, backend: str = "kv", device: str = "auto",
-             dtype: str = "auto", seed: int = 0, max_concurrent: int = 32, quiet: bool = False) -> dict:
-    """Run `samples` episodes on each of `puzzles` validation puzzles and return the metrics.
+@dataclass(kw_only=True)
+class EvalConfig(Seeded):
+    """`spa eval`: play validation puzzles and measure Pass@k, actions and world-model accuracy."""
 
-    With `out`, writes `out/metrics.json` and `out/trajectories.jsonl` (atomically).
+    model: ModelConfig = setting(factory=ModelConfig)
+    rollout: RolloutConfig = setting(factory=RolloutConfig)
+    policy: Literal["model", "random", "solver"] = "model"
+    """Who plays: the model, or a scripted policy (random, solver: the floor and the ceiling)."""
+    puzzles: int = setting(32, ge=1)
+    """Validation puzzles (the fixed seeds from 1,000,000,000 on)."""
+    samples: int = setting(8, ge=1)
+    """Episodes per puzzle (Pass@k needs k <= samples)."""
+    out: str | None = setting(None, metavar="DIR")
+    """Directory for config.json, metrics.json and trajectories.jsonl (none: print only)."""
+
+    def check(self) -> None:
+        if self.policy != "model" and self.model.model != DEFAULT_MODEL:
+            raise SpaError("--model is for --policy model; scripted policies need no model")
+        if self.model.dtype == "bf16-autocast":
+            raise SpaError("dtype bf16-autocast is a training precision: use bf16, fp16 or fp32 to evaluate")
+
+
+def evaluate(config: EvalConfig, quiet: bool = False) -> dict:
+    """Run `config.samples` episodes on each of `config.puzzles` validation puzzles and return the metrics.
+
+    With `config.out`, writes `config.json`, `metrics.json` and `trajectories.jsonl` there (atomically); an
+    output directory that already holds this evaluation is not evaluated again.
     """
-    from spa_rl.generation import SamplingConfig, make_backend
-    from spa_rl.io import atomic_write_json, atomic_write_jsonl, writable_dir
-    from spa_rl.progress import progress_bar
-    from spa_rl.rollout import RolloutConfig, RolloutEngine
-
-    out_dir = writable_dir(out) if out else None
-    config = RolloutConfig(env=env, render=render, format=fmt, max_concurrent=max_concurrent,
-                           sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
-    if policy == "model":
-        from spa_rl.models import DEFAULT_MODEL, load_model
-
-        loaded = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
-        engine = RolloutEngine(config, make_backend(backend, loaded.model, loaded.tokenizer), loaded.tokenizer)
-        model_desc = {"model": loaded.name, "path": loaded.path, "device": loaded.device, "dtype": str(loaded.dtype)}
+    out = None
+    if config.out:
+        out = claim_output(config.out, "eval", config, done="metrics.json")
+        if out.finished:
+            return read_json(out.path / "metrics.json", "evaluation")
+    rc = config.rollout
+    if config.policy == "model":
+        lm = load_model(config.model.model, device=config.model.device, dtype=config.model.dtype)
+        engine = RolloutEngine(rc, make_backend(rc.backend, lm.model, lm.tokenizer), lm.tokenizer)
+        model_desc = {"model": lm.name, "path": lm.path, "device": lm.device, "dtype": str(lm.dtype)}
     else:
-        engine = RolloutEngine(config, policy=policy)
+        engine = RolloutEngine(rc, policy=config.policy)
         model_desc = {"model": None}
-    seeds = validation_seeds(puzzles)
+    seeds = validation_seeds(config.puzzles)
     with progress_bar(transient=quiet) as bar:
-        task = bar.add_task(f"eval {env} ({policy})", total=puzzles * samples, unit="episodes")
-        episodes = engine.run(seeds, group_size=samples, seed=seed, progress=lambda n: bar.advance(task, n))
-    metrics = compute_metrics(episodes, samples)
-    metrics["config"] = {"env": env, "policy": policy, "render": render, "format": fmt, "puzzles": puzzles,
-                         "samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
-                         "backend": backend, "seed": seed, "first_seed": seeds[0], **model_desc}
-    if out_dir is not None:
-        atomic_write_jsonl(out_dir / "trajectories.jsonl", (e.to_json() for e in episodes))
-        atomic_write_json(out_dir / "metrics.json", metrics)
+        task = bar.add_task(f"eval {rc.env} ({config.policy})", total=config.puzzles * config.samples,
+                            unit="episodes")
+        episodes = engine.run(seeds, group_size=config.samples, seed=config.seed,
+                              progress=lambda n: bar.advance(task, n))
+    metrics = compute_metrics(episodes, config.samples)
+    metrics["config"] = {"env": rc.env, "policy": config.policy, "render": rc.render, "format": rc.format,
+                         "puzzles": config.puzzles, "samples": config.samples,
+                         "temperature": rc.sampling.temperature, "max_new_tokens": rc.sampling.max_new_tokens,
+                         "backend": rc.backend, "seed": config.seed, "first_seed": seeds[0], **model_desc}
+    if out is not None:
+        atomic_write_jsonl(out.path / "trajectories.jsonl", (e.to_json() for e in episodes))
+        atomic_write_json(out.path / "metrics.json", metrics)
     return metrics
 
 

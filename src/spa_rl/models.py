@@ -192,6 +192,15 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     return LoadedModel(model, tokenizer, name, path, dev, torch_dtype)
 
 
+def for_training(model: Any) -> Any:
+    """`model` set up for training forward passes: no KV cache, the standard attention (a backend may have
+    switched it to its single-token decode kernel), train mode."""
+    model.config.use_cache = False
+    if hasattr(model, "set_attn_implementation") and getattr(model.config, "_attn_implementation", "") == "spa_decode":
+        model.set_attn_implementation("sdpa")
+    return model.train()
+
+
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 """Model families whose logits are exactly `lm_head(decoder(...))`. Others (Gemma2's soft-capping, Cohere's
 `logit_scale`, Granite's `logits_scaling`, remote code) rescale logits in `forward`, so `next_token_logits`

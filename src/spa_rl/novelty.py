@@ -18,8 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from spa_rl import envs
+from spa_rl.config import Seeded, setting, to_dict
+from spa_rl.envs import RENDERS
 from spa_rl.errors import SpaError
-from spa_rl.models import next_token_logits, right_padded_batch
+from spa_rl.io import atomic_write_json, writable_file
+from spa_rl.models import LoadedModel, ModelConfig, load_model, next_token_logits, right_padded_batch
+from spa_rl.prompts import first_messages
+from spa_rl.seeds import validation_seeds
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,6 @@ class StateText:
 def state_contexts(env: Any, state: str, render: str, fmt: str, tokenizer: Any, max_actions_per_turn: int,
                    actions_left: int, max_new_tokens: int = 256) -> StateText:
     """The turn-1 conversation that shows `state`, split at the state (chat template applied)."""
-    from spa_rl.prompts import first_messages
-
     marker = "\ue000state\ue001"
     messages = first_messages(env, marker, render, fmt, max_actions_per_turn, actions_left, max_new_tokens)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -79,9 +83,6 @@ def perplexity_summary(scores: Sequence[float]) -> dict:
 
 def sample_states(env_name: str, render: str, puzzles: int, steps: int = 3, seed: int = 0) -> list[str]:
     """Validation-puzzle states: each puzzle's start and the states after up to `steps` random actions."""
-    from spa_rl import envs
-    from spa_rl.evaluation import validation_seeds
-
     rng = np.random.default_rng(seed)
     env = envs.make(env_name, render=render).unwrapped
     out = []
@@ -97,20 +98,50 @@ def sample_states(env_name: str, render: str, puzzles: int, steps: int = 3, seed
     return out
 
 
-def novelty_report(model_name: str | None, env_name: str, puzzles: int = 32, steps: int = 3, device: str = "auto",
-                   dtype: str = "auto", fmt: str = "world-model") -> dict:
-    """Mean state perplexity of validation states under the model, for both renders (the paper's Table 1)."""
-    from spa_rl import envs
-    from spa_rl.envs import RENDERS
-    from spa_rl.models import DEFAULT_MODEL, load_model
-
+def heldout_novelty(lm: LoadedModel, env_name: str, render: str, puzzles: int, steps: int = 3, seed: int = 0,
+                    fmt: str = "world-model") -> dict:
+    """`perplexity_summary` of validation-puzzle states (`sample_states`) under a loaded model."""
     variant = envs.get_variant(env_name)
-    lm = load_model(model_name or DEFAULT_MODEL, device=device, dtype=dtype)
-    report: dict = {"model": lm.name, "env": env_name, "puzzles": puzzles}
-    for render in RENDERS:
-        env = envs.make(env_name, render=render).unwrapped
-        items = [state_contexts(env, obs, render, fmt, lm.tokenizer, variant.max_actions_per_turn,
-                                variant.max_actions_per_episode) for obs in sample_states(env_name, render, puzzles,
-                                                                                          steps)]
-        report[render] = perplexity_summary(score_states(lm.model, lm.tokenizer, items))
-    return report
+    env = envs.make(env_name, render=render).unwrapped
+    items = [state_contexts(env, obs, render, fmt, lm.tokenizer, variant.max_actions_per_turn,
+                            variant.max_actions_per_episode) for obs in sample_states(env_name, render, puzzles,
+                                                                                      steps, seed)]
+    return perplexity_summary(score_states(lm.model, lm.tokenizer, items))
+
+
+@dataclass(kw_only=True)
+class NoveltyConfig(Seeded):
+    """`spa novelty`: how unfamiliar validation states are to a model, in both renders (the paper's Table 1)."""
+
+    model: ModelConfig = setting(factory=ModelConfig)
+    env: list[str] = setting(factory=lambda: ["sokoban", "frozenlake", "sudoku"], repeat=True, metavar="NAME")
+    """Environments to score (repeat the flag for several; default: the paper's three)."""
+    puzzles: int = setting(32, ge=1)
+    """Validation puzzles per environment."""
+    steps: int = setting(3, ge=0)
+    """Random actions after each puzzle's start whose states are scored too."""
+    out: str | None = setting(None, metavar="FILE")
+    """Also write the report (with these settings) as JSON to this file."""
+
+    def check(self) -> None:
+        for name in self.env:
+            envs.get_variant(name)
+        if self.model.dtype == "bf16-autocast":
+            raise SpaError("dtype bf16-autocast is a training precision: use bf16, fp16 or fp32 to score states")
+
+
+def novelty_report(config: NoveltyConfig) -> list[dict]:
+    """Mean state perplexity of validation states under the model, per env and render (the paper's Table 1);
+    with `config.out`, written there as JSON (the location is checked before any work)."""
+    if config.out:
+        writable_file(config.out)
+    lm = load_model(config.model.model, config.model.device, config.model.dtype)
+    reports = []
+    for name in config.env:
+        report: dict = {"model": lm.name, "env": name, "puzzles": config.puzzles}
+        for render in RENDERS:
+            report[render] = heldout_novelty(lm, name, render, config.puzzles, config.steps, config.seed)
+        reports.append(report)
+    if config.out:
+        atomic_write_json(config.out, {"config": to_dict(config), "reports": reports})
+    return reports

@@ -7,29 +7,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.figure import Figure  # no pyplot: no GUI backend is chosen or needed
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from spa_rl.io import read_jsonl
 
 
 def plot_sft(run_dir: str | Path) -> Path | None:
     """`loss.png`: training loss per step and validation loss per epoch, with the learning rate."""
-    from spa_rl.runlog import read_metrics
-
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     train = [(r["step"], r["loss/train"]) for r in rows if "loss/train" in r]
     val = [(r["step"], r["loss/val"]) for r in rows if "loss/val" in r]
     lr = [(r["step"], r["train/lr"]) for r in rows if "train/lr" in r]
     if not train:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(*zip(*train, strict=True), label="train loss (per step)", lw=1, alpha=0.8)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation loss (per epoch)", lw=2)
@@ -45,21 +38,18 @@ def plot_sft(run_dir: str | Path) -> Path | None:
     fig.tight_layout()
     out = run_dir / "loss.png"
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
 
 
 def plot_rounds(out_dir: str | Path) -> Path | None:
     """`novelty.png`: mean novelty (perplexity) of held-out states after each self-play round."""
-    from spa_rl.selfplay import read_jsonl
-
     out_dir = Path(out_dir)
     path = out_dir / "rounds.jsonl"
     if not path.is_file():
         return None
     rows = sorted(read_jsonl(path), key=lambda r: r["round"])
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.plot([r["round"] for r in rows], [r["heldout"]["perplexity"] for r in rows], "o-")
     ax.set_xticks([r["round"] for r in rows])  # rounds are whole numbers
     ax.set_xlabel("self-play round (0 = before)")
@@ -69,5 +59,4 @@ def plot_rounds(out_dir: str | Path) -> Path | None:
     fig.tight_layout()
     out = out_dir / "novelty.png"
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

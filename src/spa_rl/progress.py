@@ -1,7 +1,10 @@
-"""Progress display for long work: a spinner for waits of unknown length and a bar with rate and ETA.
+"""Progress display for long work: a spinner for waits of unknown length and a bar with a true rate and ETA.
 
-Output goes to stderr so that stdout stays machine-readable; in non-interactive runs (CI, pipes) rich prints
-no animation. This module must never hold any logic of the work it displays.
+The rate is the work done since the bar started divided by the time since then (not a windowed estimate,
+which reads absurd numbers off a bar that jumps), and the ETA is what is left at that rate. Work that resumes
+passes `completed=` when adding the task; that part is not counted in the rate. Output goes to stderr so
+that stdout stays machine-readable; in non-interactive runs (CI, pipes) rich prints no animation. This
+module must never hold any logic of the work it displays.
 """
 
 from __future__ import annotations
@@ -10,19 +13,19 @@ import contextlib
 from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 _console = Console(stderr=True)
+
+
+def true_rate(task: Task) -> float | None:
+    """Units per second since the task started (work it started with excluded), None before any."""
+    elapsed = task.elapsed
+    done = task.completed - task.fields.get("initial", 0.0)
+    if not elapsed or done <= 0:
+        return None
+    return done / elapsed
 
 
 class RateColumn(ProgressColumn):
@@ -31,11 +34,36 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         unit = task.fields.get("unit", "it")
-        if not task.speed:
+        rate = true_rate(task)
+        if not rate:
             return Text(f"? {unit}/s", style="progress.data.speed")
-        if task.speed < 1:
-            return Text(f"{1 / task.speed:,.1f} s/{unit.removesuffix('s')}", style="progress.data.speed")
-        return Text(f"{task.speed:,.1f} {unit}/s", style="progress.data.speed")
+        if rate < 1:
+            return Text(f"{1 / rate:,.1f} s/{unit.removesuffix('s')}", style="progress.data.speed")
+        return Text(f"{rate:,.1f} {unit}/s", style="progress.data.speed")
+
+
+class EtaColumn(ProgressColumn):
+    """`ETA 0:03:12`: the work left at the true rate."""
+
+    def render(self, task: Task) -> Text:
+        rate = true_rate(task)
+        if task.finished:
+            return Text("ETA 0:00:00", style="progress.remaining")
+        if not rate or task.total is None:
+            return Text("ETA -:--:--", style="progress.remaining")
+        seconds = int(max(task.total - task.completed, 0) / rate)
+        return Text(f"ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.remaining")
+
+
+class _Progress(Progress):
+    def add_task(self, description: str, *args, completed: float = 0, **fields) -> int:  # type: ignore[override]
+        return super().add_task(description, *args, completed=completed, initial=completed, **fields)
+
+
+def say(message: str, quiet: bool = False) -> None:
+    """One line of news on stderr (what a long run is doing: resuming, skipping finished work)."""
+    if not quiet:
+        _console.print(message, markup=False, highlight=False)
 
 
 @contextlib.contextmanager
@@ -46,7 +74,7 @@ def status(message: str) -> Iterator[None]:
 
 
 def progress_bar(transient: bool = False) -> Progress:
-    """A bar with done/total, rate, elapsed time and ETA; `add_task(description, total=n, unit="episodes")`."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=_console,
-                    transient=transient)
+    """A bar with done/total, true rate, elapsed time and ETA; `add_task(description, total=n, unit="episodes")`
+    (`completed=k` for work resumed at k)."""
+    return _Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                     TimeElapsedColumn(), EtaColumn(), console=_console, transient=transient)

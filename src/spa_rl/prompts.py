@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from spa_rl.envs.base import PuzzleEnv
 
-FORMATS = ("world-model", "plain")
+Format = Literal["world-model", "plain"]
+FORMATS: tuple[str, ...] = get_args(Format)
+"""Response formats: world-model (observation and prediction inside think) and plain (the baselines')."""
 SYSTEM_PROMPT = "You're a helpful assistant."
 ACTION_SEPARATOR = "||"
 

@@ -18,46 +18,46 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from spa_rl import envs
+from spa_rl.config import setting
+from spa_rl.envs import EnvConfig
 from spa_rl.envs.base import EnvSnapshot, PuzzleEnv
 from spa_rl.generation import GenerationBackend, SamplingConfig
 from spa_rl.policies import scripted_response
-from spa_rl.prompts import FORMATS, ParsedResponse, first_messages, parse_response, turn_message
+from spa_rl.prompts import Format, ParsedResponse, first_messages, parse_response, turn_message
 
 FORMAT_PENALTY = -0.1
 _SENTINEL = "\ue000spa-sentinel\ue001"
 
 
-@dataclass
-class RolloutConfig:
-    """What to play and under which limits."""
+@dataclass(kw_only=True)
+class RolloutConfig(EnvConfig):
+    """What to play and under which limits (the puzzle part, `EnvConfig`, plus the agent's side)."""
 
-    env: str = "sokoban"
-    """Variant name (`spa env list`)."""
-    render: str = "grid+coords"
-    """State text: `grid` or `grid+coords`."""
-    format: str = "world-model"
-    """Response format the agent is asked for: `world-model` or `plain`."""
-    max_turns: int | None = None
-    """Assistant turns per episode (None: the variant's, 5)."""
-    max_actions_per_turn: int | None = None
-    """Actions executed per turn at most (None: the variant's, 5)."""
-    max_actions_per_episode: int | None = None
-    """Actions executed per episode at most (None: the variant's)."""
+    hidden: ClassVar[tuple[str, ...]] = ("record_snapshots",)
+
+    format: Format = "world-model"
+    """Response format asked of the agent: world-model (observation and prediction tags) or plain."""
+    max_turns: int | None = setting(None, ge=1)
+    """Assistant turns per episode (none: the env's, 5)."""
+    max_actions_per_turn: int | None = setting(None, ge=1)
+    """Actions executed per turn at most (none: the env's, 5)."""
+    max_actions_per_episode: int | None = setting(None, ge=1)
+    """Actions executed per episode at most (none: the env's)."""
     format_penalty: float = FORMAT_PENALTY
     """Reward of a turn whose response breaks the format or holds no valid action; nothing is executed then
     when the format is broken."""
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingConfig = setting(factory=SamplingConfig)
     """Sampling of responses."""
-    max_concurrent: int = 32
+    backend: Literal["kv", "hf"] = "kv"
+    """Generation backend: kv (ours, fast on CPU) or hf (Hugging Face generate, the reference)."""
+    max_concurrent: int = setting(32, ge=1, flag="--concurrent")
     """Episodes generated in one batch."""
-    env_overrides: dict = field(default_factory=dict)
-    """Extra constructor arguments of the env (e.g. `{"dim": (7, 7)}`)."""
     record_snapshots: bool = False
     """Keep an env snapshot of every turn's starting state in `Episode.snapshots` (for branching)."""
 
@@ -215,10 +215,6 @@ class RolloutEngine:
 
     def __init__(self, config: RolloutConfig, backend: GenerationBackend | None = None, tokenizer: Any = None,
                  policy: str = "model") -> None:
-        if config.format not in FORMATS:
-            from spa_rl.errors import SpaError
-
-            raise SpaError(f"unknown format {config.format!r}: use one of {', '.join(FORMATS)}")
         envs.get_variant(config.env)  # fail early on unknown names
         self.config = config
         self.policy = policy
@@ -293,19 +289,22 @@ class RolloutEngine:
             ep.messages.append({"role": "user", "content": user})
 
     def run(self, seeds: Sequence[int], group_size: int = 1, seed: int = 0,
-            progress: Callable[[int], None] | None = None) -> list[Episode]:
+            progress: Callable[[float], None] | None = None) -> list[Episode]:
         """Play `group_size` samples of each puzzle seed; return episodes in (seed, sample) order.
 
-        `seed` fixes the sampling randomness; `progress(n)` is called as episodes finish.
+        `seed` fixes the sampling randomness; `progress(x)` is called after every turn with the episodes' worth
+        of work just done (a turn is 1/max_turns of an episode; a finished episode adds what it had left), so a
+        progress bar moves with the work and sums to the number of episodes.
         """
         return self.run_tasks([(s, k, None) for s, k in itertools.product(seeds, range(group_size))], seed,
                               progress)
 
     def run_tasks(self, tasks: Sequence[tuple[int, int, EnvSnapshot | None]], seed: int = 0,
-                  progress: Callable[[int], None] | None = None) -> list[Episode]:
+                  progress: Callable[[float], None] | None = None) -> list[Episode]:
         """Play episodes given as (puzzle seed, sample index, starting snapshot or None); return them in order."""
         generator = torch.Generator().manual_seed(seed)
         rng = np.random.default_rng(seed)
+        max_turns = self.config.limits()[0]
         pending = iter(tasks)
         finished: list[Episode] = []
         active: list[_Live] = []
@@ -319,14 +318,16 @@ class RolloutEngine:
                 break
             for lv, out in zip(active, self._respond(active, generator, rng), strict=True):
                 self._apply(lv, out)
-            still = []
+            still, done_work = [], 0.0
             for lv in active:
                 if lv.episode.done:
                     finished.append(lv.episode)
-                    if progress is not None:
-                        progress(1)
+                    done_work += (max_turns - len(lv.episode.turns) + 1) / max_turns
                 else:
                     still.append(lv)
+                    done_work += 1 / max_turns
+            if progress is not None:
+                progress(done_work)
             active = still
         order = {id(e): i for i, e in enumerate(finished)}
         rank = {(t[0], t[1]): i for i, t in enumerate(tasks)}

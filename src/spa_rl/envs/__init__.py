@@ -16,7 +16,8 @@ from typing import Any
 
 import gymnasium as gym
 
-from spa_rl.envs.base import RENDERS, EnvSnapshot, PuzzleEnv
+from spa_rl.config import Config, setting
+from spa_rl.envs.base import RENDERS, EnvSnapshot, PuzzleEnv, Render
 from spa_rl.envs.frozenlake import FrozenLakeEnv
 from spa_rl.envs.sokoban import ALT_SYMBOLS, SokobanEnv
 from spa_rl.envs.sudoku import SudokuEnv
@@ -128,10 +129,27 @@ for _variant in (
 ):
     register_variant(_variant)
 
+@dataclass(kw_only=True)
+class EnvConfig(Config):
+    """Which puzzles, and how their states are shown to the agent."""
+
+    env: str = "sokoban"
+    """Environment name (see `spa env list`)."""
+    render: Render = "grid+coords"
+    """State text: grid (the symbols) or grid+coords (the grid and a line of coordinates: the paper's state
+    estimation)."""
+    env_overrides: dict = setting(factory=dict)
+    """Extra constructor arguments of the env as a JSON object, e.g. {"dim": [7, 7]} for Sokoban."""
+
+    def check(self) -> None:
+        make(self.env, **self.env_overrides)  # unknown names and options fail here, before any work
+
+
 __all__ = [
     "ENV_CLASSES",
     "RENDERS",
     "VARIANTS",
+    "EnvConfig",
     "EnvSnapshot",
     "FrozenLakeEnv",
     "PuzzleEnv",

@@ -16,7 +16,7 @@ import copy
 import re
 import string
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import gymnasium as gym
 import numpy as np
@@ -24,7 +24,8 @@ from gymnasium import spaces
 
 from spa_rl.errors import LayoutError, SpaError
 
-RENDERS: tuple[str, ...] = ("grid", "grid+coords")
+Render = Literal["grid", "grid+coords"]
+RENDERS: tuple[str, ...] = get_args(Render)
 """The two render modes: the raw symbol grid, and the grid followed by a line of entity coordinates."""
 
 _BASE_CHARSET = frozenset(string.printable) | {"√"}
