@@ -9,11 +9,11 @@ from conftest import collect_data
 from test_rollout import ScriptedBackend
 
 from spa_rl.cli import main
+from spa_rl.collect import DatasetWriter
 from spa_rl.errors import SpaError
+from spa_rl.io import read_jsonl
 from spa_rl.prompts import parse_response
 from spa_rl.rollout import RolloutConfig, RolloutEngine
-from spa_rl.collect import DatasetWriter
-from spa_rl.io import read_jsonl
 
 GOOD_BUT_WRONG = ("<think> <observation> I am somewhere </observation> let us go <prediction> ###\n#P# "
                   "</prediction> </think> <answer> Down || Left </answer>")

@@ -17,8 +17,8 @@ from spa_rl.models import right_padded_batch
 from spa_rl.sft import (
     SFTConfig,
     encode_conversation,
-    epoch_batches,
     encode_sample,
+    epoch_batches,
     load_dataset,
     micro_batches,
     pack_trajectories,
@@ -82,9 +82,9 @@ def test_tiny_model_fine_tuned_on_transitions_reproduces_them(tokenizer, tmp_pat
     (the true observation, the transition in <prediction>, the answer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from spa_rl.collect import DatasetWriter
     from spa_rl.models import load_model
     from spa_rl.rollout import RolloutConfig, RolloutEngine
-    from spa_rl.collect import DatasetWriter
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
