@@ -45,11 +45,12 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 
 def datasets(tokenizer) -> tuple[dict, int]:
     """Encoded sequences: packed trajectories (`spa sft`'s default) and one sequence per turn."""
-    from spa_rl.selfplay import collect
+    from spa_rl.collect import CollectConfig, collect
     from spa_rl.sft import encode_conversation, encode_sample, load_dataset, pack_trajectories
 
     with tempfile.TemporaryDirectory() as d:
-        collect("sokoban", d, policy="random", puzzles=12, samples=4, val_fraction=0.0, quiet=True)
+        collect(CollectConfig.make(env="sokoban", out=d, policy="random", puzzles=12, samples=4, val_fraction=0.0),
+                quiet=True)
         rows, _, _ = load_dataset(d)
     units = pack_trajectories(rows)
     packed = [encode_conversation(tokenizer, m, "full", t) for m, t in units]
@@ -59,19 +60,19 @@ def datasets(tokenizer) -> tuple[dict, int]:
 
 def plans(data: dict, steps: int) -> dict[str, tuple[list, list[list[list[int]]]]]:
     """Per configuration: (sequences, optimizer steps as lists of micro-batches), warm-up step first."""
-    from spa_rl.sft import SFTConfig, _batches, _epoch_batches
+    from spa_rl.sft import SFTConfig, epoch_batches, micro_batches
 
     cfg = SFTConfig(data="", out="")
     packed = data["packed"]
     spa = []
-    for idx in _epoch_batches(data["turns"], cfg.batch_size, seed=0)[:steps + 1]:
+    for idx in epoch_batches(data["turns"], cfg.batch_size, seed=0)[:steps + 1]:
         order = sorted(idx, key=lambda i: len(packed[i][0]))
-        spa.append(_batches(packed, order, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.max_padding))
+        spa.append(micro_batches(packed, order, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.max_padding))
     per_turn = data["per-turn"]
     no_pack = []
-    for idx in _epoch_batches([1] * len(per_turn), cfg.batch_size, seed=0)[:steps + 1]:
+    for idx in epoch_batches([1] * len(per_turn), cfg.batch_size, seed=0)[:steps + 1]:
         order = sorted(idx, key=lambda i: len(per_turn[i][0]))
-        no_pack.append(_batches(per_turn, order, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.max_padding))
+        no_pack.append(micro_batches(per_turn, order, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.max_padding))
     return {"spa sft (packed trajectories)": (packed, spa),
             "spa sft --no-pack (one sequence per turn)": (per_turn, no_pack)}
 
@@ -89,19 +90,16 @@ def throughput(model, data, plan: list[list[list[int]]], precision: str, pad: in
     """Non-padding tokens per second over the plan's optimizer steps after the first (warm-up). `precision` is a
     `spa sft --dtype` (`bf16` casts the model in place)."""
     from spa_rl.models import right_padded_batch
-    from spa_rl.sft import MasterWeights, adamw, sft_step
+    from spa_rl.sft import sft_step
+    from spa_rl.training import Trainable, make_accelerator, resolve_precision
 
     model.train()
-    master = MasterWeights(model) if precision == "bf16" else None
-    params = master.params if master else [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, lr=1e-5)
-
-    def autocast() -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
+    trainable = Trainable(model, resolve_precision(precision, "cpu", training=True), make_accelerator("cpu"),
+                          lr=1e-5, total_steps=len(plan))
 
     def step(micro: list[list[int]]) -> int:
         batches = [right_padded_batch([data[i] for i in idx], pad) for idx in micro]
-        sft_step(model, batches, params, opt, master, autocast=autocast)
+        sft_step(trainable, batches)
         return sum(int(b["attention_mask"].sum()) for b in batches)
 
     step(plan[0])  # warm-up

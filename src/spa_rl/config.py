@@ -461,6 +461,8 @@ class Flags:
 
     cls: type
     dests: dict[str, tuple[str, ...]]
+    required: dict[tuple[str, ...], str]
+    """Settings the command line (or its --config / --set) must give: path -> flag."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = (),
@@ -474,6 +476,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
     for lf in visible:
         counts[_flag_name(lf)] = counts.get(_flag_name(lf), 0) + 1
     dests: dict[str, tuple[str, ...]] = {}
+    must: dict[tuple[str, ...], str] = {}
     for lf in visible:
         flag = _flag_name(lf)
         if counts[flag] > 1 and not lf.meta.get("flag"):
@@ -481,7 +484,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
         dest = "cfg__" + "__".join(lf.path)
         dests[dest] = lf.path
         base, _ = _optional(lf.type)
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": _help(lf)}
+        needed = lf.default is MISSING or lf.path[-1] in required
+        if needed:
+            must[lf.path] = flag
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
+                                  "help": _help(lf) + (" (required)" if needed else "")}
         if lf.path[-1] in positional or lf.meta.get("positional"):
             parser.add_argument(dest, metavar=lf.path[-1].upper(), help=kwargs["help"],
                                 type=functools.partial(_from_text, lf))
@@ -500,7 +507,6 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
                                                                     lf.doc, MISSING))
             kwargs["metavar"] = lf.meta.get("metavar") or (None if "choices" in kwargs
                                                            else flag.lstrip("-").upper().replace("-", "_"))
-            kwargs["required"] = lf.default is MISSING or lf.path[-1] in required
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--config", metavar="FILE", help="read settings from a TOML file (or a stage's config.json); "
                         "flags and --set override it")
@@ -509,7 +515,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
                              "sampling.temperature=0.7 (repeatable; see --print-config for every key)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved settings as JSON and exit")
-    return Flags(cls, dests)
+    return Flags(cls, dests, must)
 
 
 def _from_text(leaf: Leaf, text: str) -> Any:
@@ -534,6 +540,9 @@ def from_args(args: argparse.Namespace, flags: Flags) -> Any:
     for dest, path in flags.dests.items():
         if hasattr(args, dest):
             values[path] = getattr(args, dest)
+    for path, flag in flags.required.items():
+        if path not in values:
+            raise SpaError(f"missing setting {'.'.join(path)}: pass {flag} (or set it in --config)")
     return build(cls, values)
 
 

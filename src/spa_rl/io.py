@@ -67,8 +67,10 @@ def atomic_dir(target: str | Path, write: Callable[[Path], None]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _make_public(tmp, is_dir=True)
         write(tmp)
+        for path in [tmp, *tmp.rglob("*")]:  # some writers (safetensors) create files 0600 as tempfile does
+            if not path.is_symlink():
+                _make_public(path, is_dir=path.is_dir())
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}-old")

@@ -12,10 +12,12 @@ family's token ids or template strings, and never enable `trust_remote_code` unl
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -70,7 +72,8 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
 
     def convert(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+        with _no_gguf_bar():
+            quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
         config_dict = quantized.config.to_dict()
         config_dict.pop("quantization_config", None)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict), dtype=torch.float32)
@@ -85,6 +88,21 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
             if not _is_hf_dir(target):  # not a lost race with another process: a real failure
                 raise
     return target
+
+
+@contextlib.contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """Silence transformers' own tqdm bar over the GGUF tensors (our spinner says what is happening)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
 
 
 def resolve_model_path(name: str) -> str:

@@ -63,7 +63,7 @@ class _Progress(Progress):
 def say(message: str, quiet: bool = False) -> None:
     """One line of news on stderr (what a long run is doing: resuming, skipping finished work)."""
     if not quiet:
-        _console.print(message, markup=False, highlight=False)
+        _console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
