@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv as GymFrozenLake
 
-from spa_rl.envs.frozenlake import ACTIONS, _connected
+from spa_rl.envs.frozenlake import ACTIONS, connected
 from spa_rl.errors import LayoutError
 
 
@@ -65,7 +65,7 @@ def test_generated_maps_have_random_start_goal_and_a_path(make):
         flat = "".join(env.desc)
         assert flat.count("S") == 1 and flat.count("G") == 1
         frozen = np.array([[t != "H" for t in row] for row in env.desc])
-        assert _connected(frozen, flat.index("S"), flat.index("G"))
+        assert connected(frozen, flat.index("S"), flat.index("G"))
         starts.add(flat.index("S"))
         goals.add(flat.index("G"))
     assert len(starts) > 10 and len(goals) > 10

@@ -128,14 +128,14 @@ def test_novelty_guided_collection_branches_from_the_most_novel_states(tiny_mode
     from spa_rl import envs
 
     calls = []
-    original = sp._score_new_states
+    original = sp.score_new_states
 
     def spy(*a, **k):
         out = original(*a, **k)
         calls.append(out)
         return out
 
-    monkeypatch.setattr(sp, "_score_new_states", spy)
+    monkeypatch.setattr(sp, "score_new_states", spy)
     collect_data("sokoban", str(tmp_path), policy="novelty", model=str(tiny_model_dir), puzzles=8, samples=2,
                  max_new_tokens=4, puzzles_per_shard=4, filter_malformed=False)
     rows = read_jsonl(tmp_path / "train.jsonl") + read_jsonl(tmp_path / "val.jsonl")

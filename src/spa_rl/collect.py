@@ -29,7 +29,7 @@ from spa_rl.generation import make_backend
 from spa_rl.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from spa_rl.models import DEFAULT_MODEL, LoadedModel, ModelConfig, load_model
 from spa_rl.novelty import score_states, state_contexts
-from spa_rl.progress import progress_bar
+from spa_rl.progress import progress_bar, say
 from spa_rl.prompts import format_response
 from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine, Turn
 from spa_rl.seeds import check_training_range, training_seeds
@@ -245,7 +245,10 @@ def collect(config: CollectConfig, quiet: bool = False) -> CollectStats:
     writer = DatasetWriter(out.path, config.val_fraction, config.filter_malformed, manifest_of(config),
                            {"policy": config.policy})
     if out.finished:
+        say(f"{out.path} already holds this finished collection: nothing to do", quiet)
         return writer.stats
+    if out.resumed:
+        say(f"resuming the collection in {out.path}: {len(writer.done_units)} shards done", quiet)
     rc = replace(config.rollout, record_snapshots=config.policy == "novelty")
     lm = load_model(config.model.model, config.model.device, config.model.dtype) if config.uses_model else None
     actor = config.novelty_actor if config.policy == "novelty" else config.policy
@@ -273,7 +276,7 @@ def collect(config: CollectConfig, quiet: bool = False) -> CollectStats:
             episodes = engine.run_tasks(tasks, seed=config.seed + k, progress=lambda n: bar.advance(task, n))
             writer.add(name, episodes, rc.format, rc.render, {}, config.round)
             if config.policy == "novelty":
-                pool += _score_new_states(lm, rc, episodes)
+                pool += score_new_states(lm, rc, episodes)
     return writer.finalize()
 
 
@@ -281,7 +284,7 @@ def _unit_name(unit_seeds: list[int]) -> str:
     return f"seeds-{unit_seeds[0]:09d}-{unit_seeds[-1]:09d}"
 
 
-def _score_new_states(lm: LoadedModel, rc: RolloutConfig, episodes: list[Episode]) -> list:
+def score_new_states(lm: LoadedModel, rc: RolloutConfig, episodes: list[Episode]) -> list:
     """(N(s), seed, snapshot) for every distinct non-terminal turn-start state of the episodes."""
     env = envs.make(rc.env, render=rc.render, **rc.env_overrides).unwrapped
     _, per_turn, per_episode = rc.limits()

@@ -18,7 +18,7 @@ The convention:
   marks the directory as that stage's. A rerun with the same config resumes (or finds the work finished); a
   different stage's directory, a foreign non-empty directory, or a changed config is refused in one line.
 
-Why our own ~300 lines instead of a library: `HfArgumentParser` reads help from field metadata, not from the
+Why our own module instead of a library: `HfArgumentParser` reads help from field metadata, not from the
 docstrings where our fields are documented, and has no nested dataclasses; `tyro` has both, but prefixes the
 flags of nested parts (`--rollout.sampling.temperature`), so keeping the flat flags users already type
 (`--temperature`, `--no-filter`) would need an annotation on almost every field, and neither resolves TOML
@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from spa_rl.errors import SpaError
+from spa_rl.io import atomic_write_json, read_json, writable_dir
 
 CONFIG_FILE = "config.json"
 """The file in every stage's output directory: which stage made it and its fully resolved settings."""
@@ -96,6 +97,14 @@ class Config:
                 path = resolve(cls, key)
                 values[path] = coerce(_leaf(cls, path), value, key)
         return build(cls, values)
+
+
+@dataclass(kw_only=True)
+class Seeded(Config):
+    """A config with a seed (every stage)."""
+
+    seed: int = setting(0, ge=0)
+    """Random seed: the same seed and settings give the same puzzles, samples and data order."""
 
 
 # ------------------------------------------------------------------------------------------ introspection
@@ -406,6 +415,7 @@ def read_config_file(cls: type, path: str | Path) -> dict[tuple[str, ...], Any]:
     if not isinstance(data, dict):
         raise SpaError(f"config file {path} must hold a table of settings")
     out: dict[tuple[str, ...], Any] = {}
+    from_stage, hidden = path.suffix == ".json", _hidden(cls)
 
     def walk(table: dict, prefix: str) -> None:
         for k, v in table.items():
@@ -421,6 +431,8 @@ def read_config_file(cls: type, path: str | Path) -> dict[tuple[str, ...], Any]:
                 walk(v, key)
                 continue
             where = f"{path} key {key}"
+            if from_stage and key in hidden:
+                continue  # filled in by the stage itself
             try:
                 p = resolve(cls, key)
             except SpaError as e:
@@ -560,8 +572,6 @@ class Output:
 
 def stage_of(path: str | Path) -> str | None:
     """The stage that made directory `path` (from its config.json), or None."""
-    from spa_rl.io import read_json
-
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         return None
@@ -578,8 +588,7 @@ def claim_output(path: str | Path, stage: str, config: Any, done: str | None = N
     that stopped before doing any work): taken over with the new settings. Anything else is refused: another
     stage's output, a non-empty directory that no stage made, or this stage's work with other settings (the
     differences are listed). Call it before any slow work, so mistakes cost nothing."""
-    from spa_rl import __version__
-    from spa_rl.io import atomic_write_json, read_json, writable_dir
+    from spa_rl import __version__  # (the package imports this module while it is being imported)
 
     path = Path(path)
     command = command or f"spa {stage}"
@@ -608,11 +617,3 @@ def claim_output(path: str | Path, stage: str, config: Any, done: str | None = N
     writable_dir(path)
     atomic_write_json(file, record)
     return Output(path, False, False)
-
-
-@dataclass(kw_only=True)
-class Seeded(Config):
-    """A config with a seed (every stage)."""
-
-    seed: int = setting(0, ge=0)
-    """Random seed: the same seed and settings give the same puzzles, samples and data order."""

@@ -1,7 +1,7 @@
 """`spa demo`: the README's main job until the training stages land (a minute or two on a laptop CPU).
 
 For each of the paper's three puzzles it shows one puzzle in both renders with its optimal solution, plays
-many seeded puzzles with the scripted random and solver policies under the agent's episode limits (SPEC §3)
+many seeded puzzles with the scripted random and solver policies under the agent's episode limits (docs/method.md §3)
 and reports success rates and speed; then it evaluates the embedded model zero-shot on a few Sokoban
 validation puzzles beside the same two policies (`--model-puzzles 0` skips it). It must never download
 anything.
@@ -18,6 +18,7 @@ from rich.table import Table
 
 from spa_rl import envs
 from spa_rl.config import Seeded, setting
+from spa_rl.evaluation import EvalConfig, evaluate, metrics_table
 from spa_rl.models import ModelConfig
 from spa_rl.progress import progress_bar
 
@@ -84,8 +85,6 @@ def run_demo(console: Console, config: DemoConfig) -> int:
     console.print(table)
     console.print("The solver is below 100% only where the dynamics are random (slippery FrozenLake).")
     if model_puzzles > 0:
-        from spa_rl.evaluation import EvalConfig, evaluate, metrics_table
-
         console.rule("[bold]the embedded model, zero-shot[/bold]")
         name = config.model.model
         for policy in ("model", "random", "solver"):

@@ -1,6 +1,6 @@
 """Evaluation: Pass@k, action statistics and world-model accuracy on a fixed validation seed set.
 
-Pass@k is the unbiased estimator 1 − C(n−c, k)/C(n, k) of SPEC §7, per puzzle, averaged; `any@n` is "at least
+Pass@k is the unbiased estimator 1 − C(n−c, k)/C(n, k) of docs/method.md §7, per puzzle, averaged; `any@n` is "at least
 one of the n samples succeeded" (what the reference code calls pass@8). World-model accuracy compares the
 agent's own `<observation>` and `<prediction>` with the true states, exactly (after whitespace normalisation)
 and cell by cell on the grid. No maintained library computes these for multi-turn text agents, so they are
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from rich.table import Table
 
 from spa_rl.config import Seeded, claim_output, setting
 from spa_rl.envs.base import COORDS_SENTENCE
@@ -23,7 +24,7 @@ from spa_rl.errors import SpaError
 from spa_rl.generation import make_backend
 from spa_rl.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_rl.models import DEFAULT_MODEL, ModelConfig, load_model
-from spa_rl.progress import progress_bar
+from spa_rl.progress import progress_bar, say
 from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine
 from spa_rl.seeds import validation_seeds
 
@@ -161,6 +162,7 @@ def evaluate(config: EvalConfig, quiet: bool = False) -> dict:
     if config.out:
         out = claim_output(config.out, "eval", config, done="metrics.json")
         if out.finished:
+            say(f"{out.path} already holds this evaluation: showing its results", quiet)
             return read_json(out.path / "metrics.json", "evaluation")
     rc = config.rollout
     if config.policy == "model":
@@ -189,8 +191,6 @@ def evaluate(config: EvalConfig, quiet: bool = False) -> dict:
 
 def metrics_table(metrics: dict, title: str = "evaluation"):
     """A rich table of the headline metrics."""
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -1,4 +1,4 @@
-"""Novelty as the model's own surprise (SPEC §8): N(s) = −(1/L) Σ log p(x_i | x_<i) over the L tokens of a
+"""Novelty as the model's own surprise (docs/method.md §8): N(s) = −(1/L) Σ log p(x_i | x_<i) over the L tokens of a
 state's text, conditioned on the context the agent sees before it.
 
 The context of a state is the conversation up to `State:\\n` of the turn that shows it; the state's tokens are

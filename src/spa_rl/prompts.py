@@ -1,4 +1,4 @@
-"""The agent's text protocol (SPEC §3): the instruction and turn messages it reads, and the parser of what it
+"""The agent's text protocol (docs/method.md §3): the instruction and turn messages it reads, and the parser of what it
 writes.
 
 A conversation is a list of chat messages: a system message, a first user message with the instruction and

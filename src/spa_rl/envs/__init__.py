@@ -36,7 +36,7 @@ for _env_id, _cls in ENV_CLASSES.items():
 
 @dataclass(frozen=True)
 class Variant:
-    """A named environment configuration plus the agent's episode limits on it (SPEC §3)."""
+    """A named environment configuration plus the agent's episode limits on it (docs/method.md §3)."""
 
     name: str
     """The name users type (`spa env show sokoban`)."""

@@ -3,7 +3,7 @@
 The transition model (including the slippery mode: intended direction with probability 1/3, each
 perpendicular direction 1/3) is gymnasium's `FrozenLakeEnv`, which this module drives; it only adds what
 gymnasium lacks: maps with a random start and goal that are guaranteed to be connected, the text renders
-of SPEC §2.1, loading a map from its text, snapshots, and an optimal solver.
+of docs/method.md §2, loading a map from its text, snapshots, and an optimal solver.
 
 This module must never reimplement the dynamics or use randomness other than the env's own generator.
 """
@@ -26,7 +26,7 @@ _DR = (0, 1, 0, -1)
 _DC = (-1, 0, 1, 0)
 
 
-def _connected(frozen: np.ndarray, start: int, goal: int) -> bool:
+def connected(frozen: np.ndarray, start: int, goal: int) -> bool:
     n_rows, n_cols = frozen.shape
     seen = {start}
     todo = deque([start])
@@ -49,7 +49,7 @@ def generate_map(rng: np.random.Generator, size: int, p: float, max_tries: int =
         frozen = rng.random((size, size)) < p
         start, goal = (int(x) for x in rng.choice(size * size, size=2, replace=False))
         frozen.flat[start] = frozen.flat[goal] = True
-        if _connected(frozen, start, goal):
+        if connected(frozen, start, goal):
             desc = [["F" if f else "H" for f in row] for row in frozen]
             desc[start // size][start % size] = "S"
             desc[goal // size][goal % size] = "G"

@@ -1,0 +1,249 @@
+"""The maths of multi-turn RL for LLM agents, as pure tensor functions (docs/method.md §6).
+
+Every function takes and returns tensors (shapes in its docstring), touches no model, no optimizer and no
+global state, so each is unit-tested against values computed by hand (`tests/test_rl_core.py`). Token tensors
+are `[batch, tokens]`: one row per episode, the whole multi-turn conversation, with a `mask` that is 1 on the
+tokens the agent is trained on (its own responses) and 0 on the system, user and environment text between
+them and on padding.
+
+What is here: multi-turn GAE that skips the masked tokens (veRL's multi-turn GAE), group-normalised
+advantages (GRPO), turn-level ("bi-level") GAE (RAGEN's), the clipped policy loss with asymmetric and dual
+clipping, the clipped value loss, loss aggregation, the KL estimators, entropy, explained variance, and the
+within-group reward-variance filter. No maintained library offers these for multi-turn conversations without
+its whole trainer (veRL and RAGEN need Ray and CUDA), so they are written here, small and tested.
+
+This module must never loop over anything but token positions or groups, and never change its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+# ------------------------------------------------------------------------------------------ masked reductions
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of `x` where `mask` is set (over `dim`, or everything)."""
+    x = x * mask
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` where `mask` is set (0 where nothing is)."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """`x` shifted to mean 0 and scaled to variance 1 over the masked entries (unbiased variance), 0 elsewhere.
+    Fewer than two masked entries: only shifted."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    centered = (x - mean) * mask
+    if n < 2:
+        return centered
+    var = (centered ** 2).sum() / (n - 1)
+    return centered * torch.rsqrt(var + eps)
+
+
+def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """One scalar from per-token losses [B, T]: `token-mean` (every masked token weighs the same),
+    `seq-mean-token-sum` (each sequence's summed loss, averaged over sequences) or `seq-mean-token-mean` (each
+    sequence's mean, averaged). Sequences with no masked token are left out."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}: use one of {', '.join(AGGREGATIONS)}")
+    if mode == "token-mean":
+        return masked_mean(losses, mask)
+    has = mask.sum(-1) > 0
+    per_seq = masked_sum(losses, mask, -1) if mode == "seq-mean-token-sum" else masked_mean(losses, mask, -1)
+    return per_seq[has].mean() if has.any() else losses.sum() * 0
+
+
+# ------------------------------------------------------------------------------------------ advantages
+@torch.no_grad()
+def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the masked tokens of each row, skipping the others.
+
+    `token_rewards`, `values`, `mask`: [B, T]. Tokens with `mask == 0` (the user's and environment's text
+    between the agent's turns, padding) are not steps: the recursion carries across them as if they were not
+    there, so the last token of one turn bootstraps from the value of the first token of the next turn. Rewards
+    on unmasked tokens are ignored: put them on masked ones (the last token of a turn). After a row's last
+    masked token the value is 0 (the episode ends).
+
+        delta_t = r_t + gamma * V(next masked t') - V(t);   A_t = delta_t + gamma * lam * A_t'
+
+    Returns (advantages, returns) [B, T], `returns = advantages + values`, both 0 where the mask is 0.
+    """
+    m = mask.bool()
+    rewards, values = token_rewards.float(), values.float()
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    last = torch.zeros_like(values[:, 0])
+    for t in range(values.shape[1] - 1, -1, -1):
+        here = m[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        step = delta + gamma * lam * last
+        advantages[:, t] = torch.where(here, step, 0.0)
+        last = torch.where(here, step, last)
+        next_value = torch.where(here, values[:, t], next_value)
+    return advantages, (advantages + values) * m
+
+
+def turn_ends(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the last token of every run of consecutive masked tokens (a turn's last token)."""
+    m = mask.bool()
+    following = torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
+    return m & ~following
+
+
+@torch.no_grad()
+def bi_level_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                 lam: float = 1.0, turn_gamma: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn-level GAE, then token-level GAE inside each turn (RAGEN's bi-level GAE).
+
+    `token_rewards`, `values`, `mask`: [B, T]; a turn is a run of consecutive masked tokens. High level: the
+    turns of a row form an MDP whose reward is the sum of the turn's token rewards and whose value is V at the
+    turn's last token, discounted by `turn_gamma`:
+
+        delta_i = R_i + turn_gamma * V(end_{i+1}) - V(end_i);   A_i = delta_i + turn_gamma * lam * A_{i+1}
+
+    and the turn's return G_i = A_i + V(end_i). Low level: each turn on its own is an episode whose only reward
+    is G_i on its last token; token-level GAE with `gamma`, `lam` inside it (nothing is bootstrapped across the
+    turn's end). Returns (advantages, returns) [B, T], 0 where the mask is 0.
+    """
+    m = mask.bool()
+    rewards, values = token_rewards.float() * m, values.float()
+    ends = turn_ends(m)
+    turn_id = torch.cumsum(ends.long(), dim=1) - ends.long()  # tokens of turn k (0-based) carry k
+    advantages = torch.zeros_like(values)
+    returns = torch.zeros_like(values)
+    for b in range(values.shape[0]):
+        end_positions = ends[b].nonzero().flatten()
+        n = len(end_positions)
+        if n == 0:
+            continue
+        turn_rewards = torch.zeros(n, dtype=values.dtype, device=values.device)
+        turn_rewards.index_add_(0, turn_id[b][m[b]], rewards[b][m[b]])
+        end_values = values[b, end_positions]
+        next_values = torch.cat([end_values[1:], end_values.new_zeros(1)])
+        turn_adv = torch.zeros_like(end_values)
+        last = end_values.new_zeros(())
+        for i in range(n - 1, -1, -1):
+            last = turn_rewards[i] + turn_gamma * next_values[i] - end_values[i] + turn_gamma * lam * last
+            turn_adv[i] = last
+        turn_return = turn_adv + end_values
+        low_rewards = torch.zeros_like(values[b])
+        low_rewards[end_positions] = turn_return
+        row_mask = m[b].clone()
+        row_adv, row_ret = torch.zeros_like(values[b]), torch.zeros_like(values[b])
+        for i in range(n):  # each turn is its own low-level episode
+            turn = row_mask & (turn_id[b] == i)
+            a, r = gae(low_rewards[None], values[b][None], turn[None], gamma, lam)
+            row_adv, row_ret = row_adv + a[0], row_ret + r[0]
+        advantages[b], returns[b] = row_adv, row_ret
+    return advantages, returns
+
+
+@torch.no_grad()
+def group_advantages(scores: torch.Tensor, group_index: torch.Tensor, norm_by_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's advantages: each episode's score minus its group's mean, divided by the group's standard deviation
+    (unbiased) when `norm_by_std`. `scores`, `group_index`: [N] (groups are the samples of one puzzle). A group of
+    one has no comparison: advantage 0. Returns [N]."""
+    scores = scores.float()
+    groups, inverse = torch.unique(group_index, return_inverse=True)
+    count = torch.zeros(len(groups), device=scores.device).index_add_(0, inverse, torch.ones_like(scores))
+    mean = torch.zeros(len(groups), device=scores.device).index_add_(0, inverse, scores) / count
+    centered = scores - mean[inverse]
+    sq = torch.zeros(len(groups), device=scores.device).index_add_(0, inverse, centered ** 2)
+    std = torch.sqrt(sq / (count - 1).clamp(min=1))
+    out = centered / (std[inverse] + eps) if norm_by_std else centered
+    return torch.where(count[inverse] > 1, out, torch.zeros_like(out))
+
+
+def keep_most_varied_groups(group_std: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Indices of the groups to train on: the `keep_ratio` share (at least one) with the highest within-group
+    reward standard deviation, ties broken by group order. `group_std`: [G]. Returns [K] sorted indices."""
+    keep = max(1, math.floor(keep_ratio * len(group_std) + 1e-9))
+    order = sorted(range(len(group_std)), key=lambda g: (-float(group_std[g]), g))
+    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------ losses
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
+                agg: str = "token-mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate with an asymmetric clip range and dual clipping. All inputs [B, T].
+
+        ratio = exp(logp - old_logp)
+        L = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
+        dual clip (A < 0 only): L = min(L, -A * dual_clip)
+
+    The dual clip bounds the loss of a token whose ratio has grown far above 1 under a negative advantage
+    (`dual_clip` > 1; None turns it off). Returns (loss aggregated by `agg`, stats): `clipfrac` (share of masked
+    tokens where the clip bound), `approx_kl` (the k3 estimate of KL(old || new), as CleanRL logs it), and
+    `dual_clipfrac`.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    losses = torch.maximum(unclipped, clipped)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask)}
+    if dual_clip is not None:
+        bound = -advantages * dual_clip
+        dual = (advantages < 0) & (losses > bound)
+        losses = torch.where(dual, bound, losses)
+        stats["dual_clipfrac"] = masked_mean(dual.float(), mask)
+    with torch.no_grad():
+        stats["approx_kl"] = masked_mean((ratio - 1) - log_ratio, mask)
+    return aggregate(losses, mask, agg), stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float | None = 0.5, agg: str = "token-mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Half the squared error of the critic, with PPO's value clipping. All inputs [B, T].
+
+        V_clip = old_V + clip(V - old_V, -clip, clip);   L = 0.5 * max((V - R)^2, (V_clip - R)^2)
+
+    (`clip` None: no clipping.) Returns (loss aggregated by `agg`, stats): `clipfrac`, the share of masked
+    tokens where the clipped error was the larger."""
+    err = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * aggregate(err, mask, agg), {"clipfrac": masked_mean(torch.zeros_like(err), mask)}
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    err_clipped = (clipped_values - returns) ** 2
+    losses = torch.maximum(err, err_clipped)
+    return 0.5 * aggregate(losses, mask, agg), {"clipfrac": masked_mean((err_clipped > err).float(), mask)}
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs [B, T]: `k1` is
+    logp - ref_logp (unbiased, can be negative); `k3` is exp(ref_logp - logp) - (ref_logp - logp) - 1
+    (unbiased, never negative, lower variance; Schulman's estimator)."""
+    diff = logprobs - ref_logprobs
+    if kind == "k1":
+        return diff
+    if kind == "k3":
+        return torch.exp(-diff) + diff - 1
+    raise ValueError(f"unknown KL estimator {kind!r}: use k1 or k3")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax of `logits` [..., V], over the last dimension: [...]."""
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    return log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the masked entries: 1 is a perfect critic, 0 one that
+    predicts the mean, negative one that is worse (NaN when the returns do not vary)."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return 1 - var_residual / var_returns

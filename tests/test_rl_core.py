@@ -1,0 +1,154 @@
+"""The RL maths against values computed by hand (each number in a comment is worked out beside it)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spa_rl.rl.core import (
+    aggregate,
+    bi_level_gae,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    group_advantages,
+    keep_most_varied_groups,
+    kl_penalty,
+    masked_whiten,
+    policy_loss,
+    turn_ends,
+    value_loss,
+)
+
+T = torch.tensor
+
+
+def test_gae_skips_the_text_between_turns():
+    """Two turns (tokens 0-1 and 4-5) with the user's text between them (2-3), the reward on the last token."""
+    mask = T([[1, 1, 0, 0, 1, 1.0], [1, 1, 1, 0, 0, 0]])
+    values = T([[0.1, 0.2, 9.0, 9.0, 0.3, 0.4], [0.5, 0.25, 1.0, 0, 0, 0]])
+    rewards = T([[0, 0, 0, 5.0, 0, 1.0], [0, 0, 2.0, 0, 0, 0]])  # the 5.0 sits on masked-out text: ignored
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # gamma = lam = 1: A_t = (sum of later rewards) - V(t)
+    assert torch.allclose(adv, T([[0.9, 0.8, 0, 0, 0.7, 0.6], [1.5, 1.75, 1.0, 0, 0, 0]]))
+    assert torch.allclose(ret, T([[1.0, 1.0, 0, 0, 1.0, 1.0], [2.0, 2.0, 2.0, 0, 0, 0]]))
+    adv, ret = gae(rewards[:1], values[:1], mask[:1], gamma=0.5, lam=0.5)
+    # t5: 1 - 0.4 = 0.6 | t4: 0.5*0.4 - 0.3 = -0.1, -0.1 + 0.25*0.6 = 0.05
+    # t1 (next masked token is t4): 0.5*0.3 - 0.2 = -0.05, -0.05 + 0.25*0.05 = -0.0375
+    # t0: 0.5*0.2 - 0.1 = 0, 0 + 0.25*(-0.0375) = -0.009375
+    assert torch.allclose(adv, T([[-0.009375, -0.0375, 0, 0, 0.05, 0.6]]))
+    assert torch.allclose(ret, T([[0.090625, 0.1625, 0, 0, 0.35, 1.0]]))
+
+
+def test_turn_ends_are_the_last_token_of_each_run():
+    mask = T([[1, 1, 0, 1, 0, 1, 1], [0, 1, 1, 1, 0, 0, 0]])
+    assert turn_ends(mask).int().tolist() == [[0, 1, 0, 1, 0, 0, 1], [0, 0, 0, 1, 0, 0, 0]]
+
+
+def test_bi_level_gae_by_hand():
+    mask = T([[1, 1, 0, 1, 1.0]])  # turn 0: tokens 0-1, turn 1: tokens 3-4
+    values = T([[0.1, 0.2, 7.0, 0.3, 0.4]])
+    rewards = T([[0, 0.5, 0, 0, 1.0]])  # each turn's reward on its last token
+    # lam = 1: turn 1: 1.0 - 0.4 = 0.6, G1 = 1.0; turn 0: 0.5 + 0.5*0.4 - 0.2 = 0.5, A0 = 0.5 + 0.5*0.6 = 0.8,
+    # G0 = 1.0; inside each turn, gamma = lam = 1: A_t = G - V(t)
+    adv, ret = bi_level_gae(rewards, values, mask, gamma=1.0, lam=1.0, turn_gamma=0.5)
+    assert torch.allclose(adv, T([[0.9, 0.8, 0, 0.7, 0.6]]))
+    assert torch.allclose(ret, T([[1.0, 1.0, 0, 1.0, 1.0]]))
+    # lam = 0.5: turn 0: A = 0.5 + 0.5*0.5*0.6 = 0.65, G0 = 0.85; inside turn 0: t1: 0.85 - 0.2 = 0.65,
+    # t0: 0.2 - 0.1 + 0.5*0.65 = 0.425; inside turn 1: t4: 0.6, t3: 0.4 - 0.3 + 0.5*0.6 = 0.4
+    adv, ret = bi_level_gae(rewards, values, mask, gamma=1.0, lam=0.5, turn_gamma=0.5)
+    assert torch.allclose(adv, T([[0.425, 0.65, 0, 0.4, 0.6]]))
+    assert torch.allclose(ret, T([[0.525, 0.85, 0, 0.7, 1.0]]))
+
+
+def test_bi_level_gae_with_one_turn_and_turn_gamma_one_is_plain_gae():
+    mask = T([[0, 1, 1, 1, 0.0]])
+    values, rewards = T([[0, 0.3, 0.1, 0.2, 0]]), T([[0, 0, 0, 1.0, 0]])
+    for lam in (1.0, 0.7):
+        a, r = bi_level_gae(rewards, values, mask, gamma=0.9, lam=lam, turn_gamma=1.0)
+        b, s = gae(rewards, values, mask, gamma=0.9, lam=lam)
+        assert torch.allclose(a, b) and torch.allclose(r, s)
+
+
+def test_group_advantages():
+    scores = T([1.0, 0.0, 0.0, 1.0, 5.0])
+    groups = T([0, 0, 0, 0, 1])
+    # group 0: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.57735; group 1 has one member: 0
+    assert torch.allclose(group_advantages(scores, groups), T([0.866025, -0.866025, -0.866025, 0.866025, 0.0]),
+                          atol=1e-5)
+    assert torch.allclose(group_advantages(scores, groups, norm_by_std=False), T([0.5, -0.5, -0.5, 0.5, 0.0]))
+    assert torch.equal(group_advantages(T([2.0, 2.0]), T([3, 3])), T([0.0, 0.0])), "no spread, no signal"
+
+
+def test_keep_the_most_varied_groups():
+    std = T([0.1, 0.5, 0.0, 0.5])
+    assert keep_most_varied_groups(std, 0.5).tolist() == [1, 3]
+    assert keep_most_varied_groups(std, 0.25).tolist() == [1], "ties go to the earlier group"
+    assert keep_most_varied_groups(std, 0.01).tolist() == [1], "at least one"
+    assert keep_most_varied_groups(std, 1.0).tolist() == [0, 1, 2, 3]
+
+
+def _logps(ratios):
+    old = torch.log(T([[0.5, 0.25, 0.2, 0.1]]))
+    return old + torch.log(T([ratios])), old
+
+
+def test_policy_loss_clips_asymmetrically_and_dual_clips():
+    logp, old = _logps([1.5, 0.5, 1.1, 4.0])
+    logp.requires_grad_(True)
+    adv = T([[1.0, 1.0, -1.0, -1.0]])
+    mask = torch.ones_like(adv)
+    loss, stats = policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    # token 0: max(-1.5, -1.28) = -1.28 (clipped at 1 + 0.28); token 1: max(-0.5, -0.8) = -0.5;
+    # token 2: 1.1; token 3: max(4.0, 1.28) = 4.0, above the dual bound 3.0 -> 3.0
+    assert loss.item() == pytest.approx((-1.28 - 0.5 + 1.1 + 3.0) / 4)
+    assert stats["clipfrac"].item() == 0.25 and stats["dual_clipfrac"].item() == 0.25
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 3] == 0, "clipped tokens get no gradient"
+    assert logp.grad[0, 1] == pytest.approx(-0.5 / 4) and logp.grad[0, 2] == pytest.approx(1.1 / 4)
+    no_dual, _ = policy_loss(logp.detach(), old, adv, mask, dual_clip=None)
+    assert no_dual.item() == pytest.approx((-1.28 - 0.5 + 1.1 + 4.0) / 4)
+    kl = sum((r - 1) - math.log(r) for r in (1.5, 0.5, 1.1, 4.0)) / 4
+    assert stats["approx_kl"].item() == pytest.approx(kl, rel=1e-5)
+
+
+def test_policy_loss_at_ratio_one_is_minus_the_mean_advantage():
+    logp = torch.log(T([[0.3, 0.6, 0.9]]))
+    adv, mask = T([[2.0, -1.0, 5.0]]), T([[1.0, 1.0, 0.0]])
+    loss, stats = policy_loss(logp, logp, adv, mask)
+    assert loss.item() == pytest.approx(-0.5) and stats["clipfrac"] == 0 and stats["approx_kl"] == 0
+
+
+def test_value_loss_with_clipping():
+    values, old, returns = T([[1.0, 2.0]]), T([[0.0, 2.0]]), T([[1.0, 0.0]])
+    loss, stats = value_loss(values, old, returns, torch.ones_like(values), clip=0.5)
+    # token 0: (1-1)^2 = 0 vs clipped value 0.5: 0.25 -> 0.25; token 1: 4 vs 4 -> 4
+    assert loss.item() == pytest.approx(0.5 * (0.25 + 4) / 2) and stats["clipfrac"].item() == 0.5
+    plain, _ = value_loss(values, old, returns, torch.ones_like(values), clip=None)
+    assert plain.item() == pytest.approx(0.5 * (0 + 4) / 2)
+
+
+def test_aggregations():
+    losses, mask = T([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [7.0, 7.0, 7.0]]), T([[1, 1, 1], [1, 0, 0], [0, 0, 0.0]])
+    assert aggregate(losses, mask, "token-mean").item() == pytest.approx(10 / 4)
+    assert aggregate(losses, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    assert aggregate(losses, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    with pytest.raises(ValueError):
+        aggregate(losses, mask, "mean")
+
+
+def test_whitening_kl_entropy_and_explained_variance():
+    x, mask = T([[1.0, 2.0, 100.0], [3.0, 0.0, 0.0]]), T([[1, 1, 0], [1, 0, 0.0]])
+    w = masked_whiten(x, mask)
+    assert w[0, 2] == 0 and w[1, 1] == 0
+    assert torch.allclose(w[mask.bool()], T([-1.0, 0.0, 1.0]), atol=1e-5)  # mean 2, unbiased std 1
+    logp, ref = T([math.log(0.5)]), T([math.log(0.25)])
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.5 - 1 + math.log(2))  # e^-d + d - 1, d = ln 2
+    assert entropy_from_logits(torch.zeros(2, 8)).tolist() == pytest.approx([math.log(8)] * 2)
+    assert entropy_from_logits(T([[0.0, -1e4]])).item() == pytest.approx(0.0, abs=1e-6)
+    returns, ones = T([[1.0, 2.0, 3.0]]), torch.ones(1, 3)
+    assert explained_variance(returns, returns, ones).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full((1, 3), 2.0), returns, ones).item() == pytest.approx(0.0)
