@@ -60,19 +60,19 @@ def datasets(tokenizer) -> tuple[dict, int]:
 
 def plans(data: dict, steps: int) -> dict[str, tuple[list, list[list[list[int]]]]]:
     """Per configuration: (sequences, optimizer steps as lists of micro-batches), warm-up step first."""
-    from spa_rl.sft import SFTConfig, epoch_batches, micro_batches
+    from spa_rl.sft import SFTConfig, epoch_batches
+    from spa_rl.training import micro_batches
 
     cfg = SFTConfig(data="", out="")
-    packed = data["packed"]
-    spa = []
-    for idx in epoch_batches(data["turns"], cfg.batch_size, seed=0)[:steps + 1]:
-        order = sorted(idx, key=lambda i: len(packed[i][0]))
-        spa.append(micro_batches(packed, order, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.max_padding))
-    per_turn = data["per-turn"]
-    no_pack = []
-    for idx in epoch_batches([1] * len(per_turn), cfg.batch_size, seed=0)[:steps + 1]:
-        order = sorted(idx, key=lambda i: len(per_turn[i][0]))
-        no_pack.append(micro_batches(per_turn, order, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.max_padding))
+    packed, per_turn = data["packed"], data["per-turn"]
+
+    def cut(seqs: list, idx: list[int]) -> list[list[int]]:
+        lengths = [len(x) for x, _ in seqs]
+        return micro_batches(lengths, sorted(idx, key=lambda i: lengths[i]), cfg.micro_batch_size,
+                             cfg.micro_batch_tokens, cfg.max_padding)
+
+    spa = [cut(packed, idx) for idx in epoch_batches(data["turns"], cfg.batch_size, seed=0)[:steps + 1]]
+    no_pack = [cut(per_turn, idx) for idx in epoch_batches([1] * len(per_turn), cfg.batch_size, seed=0)[:steps + 1]]
     return {"spa sft (packed trajectories)": (packed, spa),
             "spa sft --no-pack (one sequence per turn)": (per_turn, no_pack)}
 

@@ -20,12 +20,11 @@ from spa_rl.sft import (
     encode_sample,
     epoch_batches,
     load_dataset,
-    micro_batches,
     pack_trajectories,
     token_nll_sum,
     train_sft,
 )
-from spa_rl.training import MasterWeights
+from spa_rl.training import MasterWeights, micro_batches
 
 CONTENT = ("<think> <observation>\n_P\nG_\n</observation> go down-left <prediction>\n__\n√_\n</prediction> "
            "</think> <answer> Left || Down </answer>")
@@ -238,12 +237,12 @@ def test_batches_count_turns():
 
 def test_micro_batches_respect_the_token_budget():
     seqs = [([0] * n, [1] * n) for n in (100, 200, 300, 900, 2000)]
-    micro = micro_batches(seqs, [0, 1, 2, 3, 4], size=4, max_tokens=1000)
+    micro = micro_batches([len(x) for x, _ in seqs], [0, 1, 2, 3, 4], size=4, max_tokens=1000)
     assert micro == [[0, 1, 2], [3], [4]], "3 x 300 fits 1000; 900 alone; 2000 alone even over the budget"
-    assert micro_batches(seqs, [0, 1, 2, 3, 4], size=2) == [[0, 1], [2, 3], [4]]
+    assert micro_batches([len(x) for x, _ in seqs], [0, 1, 2, 3, 4], size=2) == [[0, 1], [2, 3], [4]]
     similar = [([0] * n, [1] * n) for n in (500, 505, 520, 700, 710)]
-    assert micro_batches(similar, [0, 1, 2, 3, 4], size=4, max_padding=0.1) == [[0, 1, 2], [3, 4]], \
-        "700 would make a fifth of [500, 505, 520, 700] padding"
+    assert micro_batches([len(x) for x, _ in similar], [0, 1, 2, 3, 4], size=4, max_padding=0.1) == \
+        [[0, 1, 2], [3, 4]], "700 would make a fifth of [500, 505, 520, 700] padding"
 
 
 def test_overlong_packed_trajectory_falls_back_to_its_turns(tokenizer, tmp_path):

@@ -5,89 +5,22 @@ from __future__ import annotations
 
 import json
 
-import gymnasium as gym
 import pytest
-from conftest import collect_data
+from conftest import collect_data, register_corridors
 
 from spa_rl import envs
 from spa_rl.cli import main
-from spa_rl.envs.base import PuzzleEnv, layout_lines
-from spa_rl.errors import LayoutError
 from spa_rl.evaluation import EvalConfig, evaluate
 from spa_rl.io import read_jsonl
 from spa_rl.sft import SFTConfig, train_sft
 
 
-class CorridorEnv(PuzzleEnv):
-    """Walk along a corridor to the goal.
-
-    Actions: `Left`, `Right`. Observation: the corridor as one line, `P` player, `G` goal, `_` floor.
-    Reward: +1 on reaching the goal, which ends the episode. Arguments: `length`, `render`.
-    """
-
-    def __init__(self, length: int = 5, render: str = "grid", render_mode: str | None = None) -> None:
-        super().__init__(render=render, render_mode=render_mode)
-        self.length = length
-        self.player = self.goal = 0
-
-    def _generate(self) -> dict:
-        self.player, self.goal = (int(x) for x in self.np_random.choice(self.length, 2, replace=False))
-        return {"optimal_moves": abs(self.goal - self.player)}
-
-    def _load_layout(self, text: str) -> dict:
-        (line,) = layout_lines(text, "corridor")
-        if line.count("P") != 1 or line.count("G") != 1:
-            raise LayoutError("a corridor needs one P and one G")
-        self.length, self.player, self.goal = len(line), line.index("P"), line.index("G")
-        return {}
-
-    def _parse_action(self, text: str) -> int | None:
-        return {"left": -1, "right": 1}.get(str(text).strip().lower())
-
-    def _apply(self, d: int) -> tuple[float, bool, bool]:
-        new = min(max(self.player + d, 0), self.length - 1)
-        moved, self.player = new != self.player, new
-        return (1.0 if self.player == self.goal else 0.0), True, moved
-
-    def _is_success(self) -> bool:
-        return self.player == self.goal
-
-    def _is_terminal(self) -> bool:
-        return self._is_success()
-
-    def _get_state(self) -> tuple[int, int, int]:
-        return self.length, self.player, self.goal
-
-    def _set_state(self, state: tuple[int, int, int]) -> None:
-        self.length, self.player, self.goal = state
-
-    def grid_text(self) -> str:
-        return "".join("P" if i == self.player else "G" if i == self.goal else "_" for i in range(self.length))
-
-    def coords_text(self) -> str:
-        return f"Player (P) is at (0,{self.player}); goal (G) is at (0,{self.goal})."
-
-    def solve(self) -> list[str] | None:
-        step = "Right" if self.goal > self.player else "Left"
-        return [step] * abs(self.goal - self.player)
-
-    @property
-    def action_names(self) -> list[str]:
-        return ["Left", "Right"]
-
-    def rules(self, render: str) -> list[str]:
-        return ["You are in a corridor. Walk to the goal G. P: player, G: goal, _: floor."]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def corridor():
-    if "test/Corridor-v0" not in gym.registry:
-        gym.register(id="test/Corridor-v0", entry_point=CorridorEnv)
-    envs.register_variant(envs.Variant("corridor", "test/Corridor-v0", "a corridor (defined in a test)",
-                                       {"length": 5}, max_turns=3, max_actions_per_turn=2,
-                                       max_actions_per_episode=6), overwrite=True)
+    register_corridors()
     yield
     envs.VARIANTS.pop("corridor", None)
+    envs.VARIANTS.pop("corridor-right", None)
 
 
 def test_the_env_writes_its_own_instruction():

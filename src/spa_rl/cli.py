@@ -225,6 +225,17 @@ def cmd_sft(c: Any) -> int:
     return 0
 
 
+def cmd_train(c: Any) -> int:
+    from spa_rl.rl.trainer import train_rl
+
+    result = train_rl(c)
+    shown = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in result.items()
+                      if k in ("val/pass@1", "val/pass@8", "val/prediction_exact"))
+    _console().print(f"trained {result['steps']} PPO steps; validation: {shown or 'n/a'}\nactor: {c.out}/model   "
+                     f"curves: {c.out}/curves.png   (evaluate: spa eval --model {c.out}/model --env ...)")
+    return 0
+
+
 def cmd_selfplay(c: Any) -> int:
     from rich.table import Table
 
@@ -252,6 +263,8 @@ class Command:
     positional: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     """Settings the command line must give although they have defaults."""
+    aliases: tuple[tuple[str, str], ...] = ()
+    """(dotted path, flag) for settings this command names differently."""
 
 
 COMMANDS: dict[str, Command] = {
@@ -265,6 +278,9 @@ COMMANDS: dict[str, Command] = {
                        "spa_rl.novelty:NoveltyConfig", cmd_novelty),
     "sft": Command("world-model SFT on a self-play dataset (resumes after an interruption)",
                    "spa_rl.sft:SFTConfig", cmd_sft),
+    "train": Command("RL: multi-turn PPO with a critic (or GRPO, turn-level GAE) from a checkpoint, with validation "
+                     "Pass@k and world-model accuracy during training (resumable)", "spa_rl.rl.trainer:RLConfig",
+                     cmd_train, required=("env",), aliases=(("model.model", "--init"),)),
     "selfplay": Command("alternate `spa collect` and `spa sft` for several rounds, logging the novelty of held-out "
                         "states per round (resumable)", "spa_rl.selfplay:SelfPlayConfig", cmd_selfplay,
                         required=("env",)),
@@ -293,7 +309,8 @@ def build_parser(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, dic
         p = sub.add_parser(name, help=command.help, description=command.help)
         p.set_defaults(func=command.run, flags_key=name)
         if name == chosen:
-            flags[name] = add_arguments(p, _config_class(command.config), command.positional, command.required)
+            flags[name] = add_arguments(p, _config_class(command.config), command.positional, command.required,
+                                        dict(command.aliases))
     env = sub.add_parser("env", help="list, show, play and solve the environments")
     env_sub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
     env_sub.add_parser("list", help="the named environments").set_defaults(func=cmd_env_list, flags_key=None)

@@ -22,17 +22,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from spa_rl import envs
 from spa_rl.config import Seeded, claim_output, setting
 from spa_rl.errors import SpaError
 from spa_rl.generation import make_backend
 from spa_rl.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from spa_rl.models import DEFAULT_MODEL, LoadedModel, ModelConfig, load_model
-from spa_rl.novelty import score_states, state_contexts
+from spa_rl.novelty import state_novelty
 from spa_rl.progress import progress_bar, say
 from spa_rl.prompts import format_response
 from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine, Turn
 from spa_rl.seeds import check_training_range, training_seeds
+from spa_rl.training.precision import check_dtype
 
 DATASET_VERSION = 2
 STAGE = "collect"
@@ -75,8 +75,7 @@ class CollectConfig(Seeded):
         check_training_range(self.first_seed, self.puzzles)
         if self.policy in ("random", "solver") and self.model.model != DEFAULT_MODEL:
             raise SpaError("--model is for --policy model or novelty; scripted policies need no model")
-        if self.model.dtype == "bf16-autocast":
-            raise SpaError("dtype bf16-autocast is a training precision: use bf16, fp16 or fp32 to collect")
+        check_dtype(self.model.dtype, training=False)
 
     @property
     def uses_model(self) -> bool:
@@ -286,13 +285,10 @@ def _unit_name(unit_seeds: list[int]) -> str:
 
 def score_new_states(lm: LoadedModel, rc: RolloutConfig, episodes: list[Episode]) -> list:
     """(N(s), seed, snapshot) for every distinct non-terminal turn-start state of the episodes."""
-    env = envs.make(rc.env, render=rc.render, **rc.env_overrides).unwrapped
-    _, per_turn, per_episode = rc.limits()
     seen: dict[str, tuple[int, object]] = {}
     for ep in episodes:
         for turn, snap in zip(ep.turns, ep.snapshots, strict=False):
             if not snap.done and turn.state_before not in seen:
                 seen[turn.state_before] = (ep.seed, snap)
-    items = [state_contexts(env, text, rc.render, rc.format, lm.tokenizer, per_turn, per_episode) for text in seen]
-    scores = score_states(lm.model, lm.tokenizer, items) if items else []
+    scores = state_novelty(lm.model, lm.tokenizer, rc, list(seen))
     return [(score, seed, snap) for score, (seed, snap) in zip(scores, seen.values(), strict=True)]

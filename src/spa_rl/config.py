@@ -6,9 +6,10 @@ The convention:
   `LoRAConfig`; `LogConfig`). Every field is documented by the docstring under it, which is also its `--help`
   text (the first paragraph). `setting(...)` declares what the command line and the checks need: a range
   (`ge`, `gt`, `le`, `lt`), another flag name, a positional argument, whether a resumed run may change it.
-- `Config.__post_init__` checks every field's choices (a `Literal` type) and range, then calls the class's
-  `check()` for settings that cannot work together; both raise `SpaError` naming the settings. So a config
-  built from Python is checked exactly like one built from the command line.
+- `Config.__post_init__` checks every field's choices (a `Literal` type) and range (numbers must be finite),
+  then calls the class's `check()` for settings that cannot work together; both raise `SpaError` naming the
+  settings. So a config built from Python gets the same checks as one from the command line (the command line
+  and config files also check types; Python callers get Python's).
 - `add_arguments(parser, cls)` generates the flags: `--name` for each setting whose name is unique in the
   config's tree (`--max-new-tokens` sets `rollout.sampling.max_new_tokens`); the others are reached with `--set`.
 - Precedence, lowest first: the dataclass defaults, `--config FILE` (TOML, or a stage's `config.json`),
@@ -31,12 +32,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import difflib
 import functools
 import inspect
 import itertools
 import json
+import math
 import textwrap
 import tomllib
 import types
@@ -199,9 +202,13 @@ def _hidden(cls: type) -> frozenset[str]:
     return frozenset(out)
 
 
+def _is_hidden(key: str, hidden: frozenset[str]) -> bool:
+    return key in hidden or any(key.startswith(h + ".") for h in hidden)
+
+
 def _visible(cls: type) -> list[Leaf]:
     hidden = _hidden(cls)
-    return [lf for lf in leaves(cls) if lf.key not in hidden and not any(lf.key.startswith(h + ".") for h in hidden)]
+    return [lf for lf in leaves(cls) if not _is_hidden(lf.key, hidden)]
 
 
 def _part(cls: type, key: str) -> tuple[str, ...]:
@@ -221,7 +228,7 @@ def _leaf(cls: type, path: tuple[str, ...]) -> Leaf:
 
 def _names(parts: tuple[str, ...], path: tuple[str, ...]) -> bool:
     """Whether a key's parts name `path`: the last part is the setting, the others appear in order before it
-    (`sft.dtype` names `sft.model.dtype`)."""
+    (`collect.dtype` names `collect.model.dtype`)."""
     if not parts or parts[-1] != path[-1]:
         return False
     it = iter(path[:-1])
@@ -230,7 +237,7 @@ def _names(parts: tuple[str, ...], path: tuple[str, ...]) -> bool:
 
 def resolve(cls: type, key: str) -> tuple[str, ...]:
     """The path of the setting named `key` (a dotted path, a unique suffix of one, or its components in order
-with some left out, as `sft.dtype` for `sft.model.dtype`), or a one-line error."""
+    with some left out, as `collect.dtype` for `collect.model.dtype`), or a one-line error."""
     parts = tuple(p.replace("-", "_") for p in key.strip().split("."))
     visible = _visible(cls)
     matches = [lf.path for lf in visible if _names(parts, lf.path)]
@@ -340,10 +347,12 @@ def _check_value(f: dataclasses.Field, tp: Any, value: Any) -> None:
     if get_origin(base) is Literal and value not in get_args(base):
         raise SpaError(f"{f.name}={value!r} is not allowed: choose one of {', '.join(map(str, get_args(base)))}")
     meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpaError(f"{f.name} must be a finite number, got {value}")
     if isinstance(value, int | float) and not isinstance(value, bool):
         ok = all(((meta.get("ge") is None or value >= meta["ge"]), (meta.get("gt") is None or value > meta["gt"]),
                   (meta.get("le") is None or value <= meta["le"]), (meta.get("lt") is None or value < meta["lt"])))
-        if not ok or value != value:  # NaN fails every range
+        if not ok:
             raise SpaError(f"{f.name} must be {_describe_range(meta)}, got {value:g}")
 
 
@@ -431,7 +440,7 @@ def read_config_file(cls: type, path: str | Path) -> dict[tuple[str, ...], Any]:
                 walk(v, key)
                 continue
             where = f"{path} key {key}"
-            if from_stage and key in hidden:
+            if from_stage and _is_hidden(key, hidden):
                 continue  # filled in by the stage itself
             try:
                 p = resolve(cls, key)
@@ -454,8 +463,10 @@ def _flag_name(leaf: Leaf) -> str:
     return f"--{name}"
 
 
-def _help(leaf: Leaf) -> str:
+def _help(leaf: Leaf, required: bool = False) -> str:
     text = " ".join(leaf.doc.split("\n\n")[0].split()).replace("`", "")
+    if required:
+        return f"{text} (required)"
     if leaf.default is MISSING:
         return text
     base, _ = _optional(leaf.type)
@@ -478,12 +489,15 @@ class Flags:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = (),
-                  required: tuple[str, ...] = ()) -> Flags:
+                  required: tuple[str, ...] = (), aliases: dict[str, str] | None = None) -> Flags:
     """Add a flag for every visible setting of `cls` with a unique name, plus `--config` and `--set`.
 
     `positional`: settings given as positional arguments; `required`: settings the command line must give
-    (besides those without a default)."""
+    (besides those without a default); `aliases`: dotted path -> the flag this command names it by (`spa train`
+    calls `model.model` `--init`)."""
     visible = _visible(cls)
+    if aliases:
+        visible = [_renamed(lf, aliases[lf.key]) if lf.key in aliases else lf for lf in visible]
     counts: dict[str, int] = {}
     for lf in visible:
         counts[_flag_name(lf)] = counts.get(_flag_name(lf), 0) + 1
@@ -499,8 +513,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
         needed = lf.default is MISSING or lf.path[-1] in required
         if needed:
             must[lf.path] = flag
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
-                                  "help": _help(lf) + (" (required)" if needed else "")}
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": _help(lf, needed)}
         if lf.path[-1] in positional or lf.meta.get("positional"):
             parser.add_argument(dest, metavar=lf.path[-1].upper(), help=kwargs["help"],
                                 type=functools.partial(_from_text, lf))
@@ -528,6 +541,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved settings as JSON and exit")
     return Flags(cls, dests, must)
+
+
+def _renamed(leaf: Leaf, flag: str) -> Leaf:
+    """`leaf` under another flag name (its field copied, the original untouched)."""
+    renamed = copy.copy(leaf.field)
+    renamed.metadata = types.MappingProxyType({**leaf.meta, "flag": flag})
+    return Leaf(leaf.path, renamed, leaf.type, leaf.doc, leaf.default)
 
 
 def _from_text(leaf: Leaf, text: str) -> Any:
@@ -580,7 +600,7 @@ def stage_of(path: str | Path) -> str | None:
 
 
 def claim_output(path: str | Path, stage: str, config: Any, done: str | None = None,
-                 command: str | None = None) -> Output:
+                 command: str | None = None, path_key: str = "out") -> Output:
     """Make `path` the output directory of `stage` run with `config`, or refuse in one line.
 
     New or empty: `config.json` is written. Holding this stage's `config.json` with the same settings (volatile
@@ -599,9 +619,13 @@ def claim_output(path: str | Path, stage: str, config: Any, done: str | None = N
     if file.is_file():
         stored = read_json(file, "stage's settings")
         other = stored.get("stage") if isinstance(stored, dict) else None
+        if other is None:
+            raise SpaError(f"{path} is not empty and was not made by `{command}` (its config.json is not a stage's): "
+                           f"pass a new or empty output directory")
         if other != stage:
             raise SpaError(f"{path} holds the output of `spa {other}`, not `{command}`: pass another output directory")
-        changes = diff(stored.get("config", {}), record["config"], volatile_paths(type(config)))
+        # the directory's own path may be spelled differently (relative, a trailing slash): not a setting
+        changes = diff(stored.get("config", {}), record["config"], volatile_paths(type(config)) | {path_key})
         started = any(p.name != CONFIG_FILE and not p.name.startswith(".spa-probe") for p in path.iterdir())
         if changes and not started:  # a run that failed before doing any work: nothing to resume, nothing lost
             atomic_write_json(file, record)

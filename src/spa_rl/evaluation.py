@@ -27,6 +27,7 @@ from spa_rl.models import DEFAULT_MODEL, ModelConfig, load_model
 from spa_rl.progress import progress_bar, say
 from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine
 from spa_rl.seeds import validation_seeds
+from spa_rl.training.precision import check_dtype
 
 PASS_KS = (1, 2, 4, 8, 16)
 
@@ -148,8 +149,7 @@ class EvalConfig(Seeded):
     def check(self) -> None:
         if self.policy != "model" and self.model.model != DEFAULT_MODEL:
             raise SpaError("--model is for --policy model; scripted policies need no model")
-        if self.model.dtype == "bf16-autocast":
-            raise SpaError("dtype bf16-autocast is a training precision: use bf16, fp16 or fp32 to evaluate")
+        check_dtype(self.model.dtype, training=False)
 
 
 def evaluate(config: EvalConfig, quiet: bool = False) -> dict:

@@ -60,10 +60,21 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def recover_dir(target: str | Path) -> Path:
+    """Put back the previous version of an `atomic_dir` target if an interruption fell between its two renames
+    (the old version moved aside, the new one not yet in place)."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}-old")
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+    return target
+
+
 def atomic_dir(target: str | Path, write: Callable[[Path], None]) -> None:
     """Build the directory `target` by calling `write(tmp)` on a fresh temporary sibling, then rename it into
-    place (an existing `target` is replaced). An interruption leaves the old directory or the new one."""
-    target = Path(target)
+    place (an existing `target` is replaced). An interruption leaves the old directory or the new one (if it
+    falls between the two renames, `recover_dir` puts the old one back)."""
+    target = recover_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -101,20 +112,21 @@ def read_jsonl(path: str | Path) -> list[dict]:
     other malformed line is an error that names the file and line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
         raise SpaError(f"cannot read {path}: {e.strerror}") from None
-    lines = text.split("\n")  # the last element is "" when the file ends with a newline
+    lines = data.split(b"\n")  # the last element is empty when the file ends with a newline
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # no newline after it: an interrupted append
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if n == len(lines):  # no newline after it: an interrupted append (maybe cut inside a character)
                 break
-            raise SpaError(f"{path} line {n} is not valid JSON ({e.msg}): fix or delete that line") from None
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+            raise SpaError(f"{path} line {n} is not valid JSON ({reason}): fix or delete that line") from None
         if not isinstance(row, dict):
             raise SpaError(f"{path} line {n} is not a JSON object")
         rows.append(row)

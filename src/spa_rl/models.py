@@ -239,6 +239,14 @@ def right_padded_batch(samples: list[tuple[list[int], list[int]]], pad_id: int) 
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
+def decoder_mask(attention_mask: Any) -> Any:
+    """The attention mask to pass a decoder: None for right-padded batches (causal attention never lets a real
+    token see the padding after it, and without a mask the attention kernels take their causal path, which skips
+    the masked half of the work), else the mask itself."""
+    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    return None if right_padded else attention_mask
+
+
 def next_token_logits(model: Any, input_ids: Any, attention_mask: Any, keep: Any) -> Any:
     """Logits predicting token t+1 at each position t where `keep` ([batch, length - 1] bool) is set, in
     row-major order; the one forward pass that SFT losses and novelty scores share.
@@ -250,8 +258,7 @@ def next_token_logits(model: Any, input_ids: Any, attention_mask: Any, keep: Any
     masked half of the work (docs/benchmarks.md has the throughput before and after). Outputs at padding
     positions are then meaningless, so `keep` must not select them.
     """
-    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-    mask = None if right_padded else attention_mask
+    mask = decoder_mask(attention_mask)
     prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
     base = model.get_base_model() if hasattr(model, "get_base_model") and not prompt_learning else model
     decoder = head = None

@@ -25,7 +25,9 @@ from spa_rl.errors import SpaError
 from spa_rl.io import atomic_write_json, writable_file
 from spa_rl.models import LoadedModel, ModelConfig, load_model, next_token_logits, right_padded_batch
 from spa_rl.prompts import first_messages
+from spa_rl.rollout import RolloutConfig
 from spa_rl.seeds import validation_seeds
+from spa_rl.training.precision import check_dtype
 
 
 @dataclass(frozen=True)
@@ -98,15 +100,24 @@ def sample_states(env_name: str, render: str, puzzles: int, steps: int = 3, seed
     return out
 
 
-def heldout_novelty(lm: LoadedModel, env_name: str, render: str, puzzles: int, steps: int = 3, seed: int = 0,
-                    fmt: str = "world-model") -> dict:
+def state_novelty(model: Any, tokenizer: Any, rollout: RolloutConfig, states: Sequence[str]) -> list[float]:
+    """N(s) of each state text as the agent of `rollout` (its env, render, format and limits) would read it in a
+    first turn: the one way every stage scores novelty (self-play branching, held-out novelty, RL's curiosity)."""
+    if not states:
+        return []
+    env = envs.make(rollout.env, render=rollout.render, **rollout.env_overrides).unwrapped
+    _, per_turn, per_episode = rollout.limits()
+    items = [state_contexts(env, s, rollout.render, rollout.format, tokenizer, per_turn, per_episode,
+                            rollout.sampling.max_new_tokens) for s in states]
+    return score_states(model, tokenizer, items)
+
+
+def heldout_novelty(lm: LoadedModel, env_name: str, render: str, puzzles: int, steps: int = 3,
+                    seed: int = 0) -> dict:
     """`perplexity_summary` of validation-puzzle states (`sample_states`) under a loaded model."""
-    variant = envs.get_variant(env_name)
-    env = envs.make(env_name, render=render).unwrapped
-    items = [state_contexts(env, obs, render, fmt, lm.tokenizer, variant.max_actions_per_turn,
-                            variant.max_actions_per_episode) for obs in sample_states(env_name, render, puzzles,
-                                                                                      steps, seed)]
-    return perplexity_summary(score_states(lm.model, lm.tokenizer, items))
+    states = sample_states(env_name, render, puzzles, steps, seed)
+    return perplexity_summary(state_novelty(lm.model, lm.tokenizer, RolloutConfig(env=env_name, render=render),
+                                            states))
 
 
 @dataclass(kw_only=True)
@@ -126,8 +137,7 @@ class NoveltyConfig(Seeded):
     def check(self) -> None:
         for name in self.env:
             envs.get_variant(name)
-        if self.model.dtype == "bf16-autocast":
-            raise SpaError("dtype bf16-autocast is a training precision: use bf16, fp16 or fp32 to score states")
+        check_dtype(self.model.dtype, training=False)
 
 
 def novelty_report(config: NoveltyConfig) -> list[dict]:

@@ -60,3 +60,42 @@ def plot_rounds(out_dir: str | Path) -> Path | None:
     out = out_dir / "novelty.png"
     fig.savefig(out, dpi=120)
     return out
+
+
+RL_PANELS = (
+    ("reward and success (training episodes)", ("rollout/reward_mean", "rollout/success")),
+    ("validation Pass@k", ("val/pass@1", "val/pass@2", "val/pass@4", "val/pass@8")),
+    ("world-model accuracy (validation)", ("val/observation_exact", "val/prediction_exact",
+                                           "val/copy_exact_baseline")),
+    ("losses", ("losses/policy_loss", "losses/value_loss", "losses/world_model")),
+    ("entropy and diversity", ("losses/entropy", "rollout/distinct_actions", "rollout/distinct_responses")),
+    ("PPO health", ("losses/approx_kl", "losses/clipfrac", "losses/explained_variance")),
+)
+
+
+def plot_rl(run_dir: str | Path) -> Path | None:
+    """`curves.png`: an RL run's reward, validation Pass@k, world-model accuracy, losses, entropy and PPO
+    diagnostics against the step."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    rows = read_jsonl(path) if path.is_file() else []
+    if not rows:
+        return None
+    fig = Figure(figsize=(13, 7.5))
+    axes = fig.subplots(2, 3).flatten()
+    for ax, (title, keys) in zip(axes, RL_PANELS, strict=True):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+            if points:
+                style = "o-" if key.startswith("val/") else "-"
+                ax.plot(*zip(*points, strict=True), style, lw=1.2, ms=3, label=key.split("/", 1)[1])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"RL: {run_dir.name}")
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=110)
+    return out

@@ -15,8 +15,6 @@ import numpy as np
 from spa_rl.envs.base import PuzzleEnv
 from spa_rl.prompts import format_response
 
-SCRIPTED_POLICIES = ("random", "solver")
-
 
 def _simulate(env: PuzzleEnv, choose: Callable[[], str | None], limit: int) -> tuple[list[str], str]:
     """Pick up to `limit` actions by `choose` on the env, then put it back: (actions, state after them)."""

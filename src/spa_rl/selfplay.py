@@ -48,6 +48,9 @@ class SelfPlayConfig(Config):
 
     def check(self) -> None:
         check_training_range(self.collect.first_seed, self.collect.puzzles * self.rounds)
+        # each round's stages get these settings: check them now, not after a round of work
+        replace(self.collect, model=self.model if self.collect.uses_model else replace(self.model, model=DEFAULT_MODEL))
+        replace(self.sft, model=self.model)
 
 
 def selfplay_rounds(config: SelfPlayConfig, quiet: bool = False) -> list[dict]:

@@ -41,9 +41,11 @@ from spa_rl.training import (
     Trainable,
     apply_lora,
     make_accelerator,
+    micro_batches,
     resolve_precision,
     save_model,
 )
+from spa_rl.training.precision import check_dtype
 
 LOSSES = ("full", "masked")
 STAGE = "sft"
@@ -106,8 +108,7 @@ class SFTConfig(Seeded):
     log: LogConfig = setting(factory=LogConfig)
 
     def check(self) -> None:
-        if self.model.dtype == "fp16":
-            raise SpaError("dtype fp16 cannot be trained here (it needs loss scaling): use bf16, bf16-autocast or fp32")
+        check_dtype(self.model.dtype, training=True)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -241,22 +242,6 @@ def epoch_batches(turns: list[int], batch_size: int, seed: int) -> list[list[int
     return batches
 
 
-def micro_batches(samples: list[tuple[list[int], list[int]]], order: list[int], size: int,
-             max_tokens: int = 0, max_padding: float = 1.0) -> list[list[int]]:
-    """`order` cut into runs of at most `size` sequences, (if set) `max_tokens` padded tokens (a longer
-    sequence goes alone), and at most a `max_padding` share of padding in each run."""
-    out: list[list[int]] = []
-    for i in order:
-        if out and len(out[-1]) < size:
-            lengths = [len(samples[j][0]) for j in [*out[-1], i]]
-            padded = len(lengths) * max(lengths)
-            if (not max_tokens or padded <= max_tokens) and padded - sum(lengths) <= max_padding * padded:
-                out[-1].append(i)
-                continue
-        out.append([i])
-    return out
-
-
 @dataclass
 class SFTData:
     """A dataset encoded for training: sequences, the turns with loss in each, and every epoch's batches."""
@@ -320,7 +305,8 @@ def prepare_data(tokenizer: Any, train_rows: list[dict], val_rows: list[dict], c
 def batches_on(sequences: list[tuple[list[int], list[int]]], idx: list[int], config: SFTConfig, pad_id: int,
                device: Any) -> list[dict[str, torch.Tensor]]:
     """The micro-batches of the sequences `idx`, sorted by length (less padding, same gradient), on `device`."""
-    micro = micro_batches(sequences, sorted(idx, key=lambda i: len(sequences[i][0])), config.micro_batch_size,
+    lengths = [len(ids) for ids, _ in sequences]
+    micro = micro_batches(lengths, sorted(idx, key=lambda i: lengths[i]), config.micro_batch_size,
                           config.micro_batch_tokens, config.max_padding)
     return [{k: v.to(device) for k, v in right_padded_batch([sequences[i] for i in m], pad_id).items()} for m in micro]
 
@@ -375,15 +361,21 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
     device = pick_device(config.model.device)
     precision = resolve_precision(config.model.dtype, device, training=True)
     accelerator = make_accelerator(device)
-    source = str(ckpt.dir / "model") if ckpt.exists() else config.model.model
-    lm = load_model(source, str(accelerator.device), "fp32", merge_adapter=not config.lora.enabled)
+    if accelerator.num_processes > 1:
+        raise SpaError("spa sft runs in one process (its data is not split over processes): run it without "
+                       "accelerate launch")
+    # resuming: the run's own checkpoint (an adapter stays one); else the starting model with any adapter merged
+    # into its base, a new adapter trained on top with --lora
+    resume = ckpt.exists()
+    lm = load_model(str(ckpt.dir / "model") if resume else config.model.model, str(accelerator.device), "fp32",
+                    merge_adapter=not resume)
     tokenizer, pad_id = lm.tokenizer, lm.tokenizer.pad_token_id
     data = prepare_data(tokenizer, train_rows, val_rows, config)
     trainable = Trainable(apply_lora(for_training(lm.model), config.lora), precision, accelerator, lr=config.lr,
                           total_steps=data.total_steps, betas=config.betas, weight_decay=config.weight_decay,
                           warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm)
-    step = 0
-    if ckpt.exists():
+    step, val = 0, None
+    if resume:
         state = ckpt.load()
         trainable.load_state_dict(state.states["model"])
         step = state.step
@@ -393,7 +385,7 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
             "base_model": config.model.model}
 
     def write_model(directory: Path) -> None:
-        save_model(trainable.unwrapped, tokenizer, directory, meta, trainable.weights())
+        save_model(trainable.model, tokenizer, directory, meta, trainable.weights())
 
     def checkpoint() -> None:
         epoch, index = data.position(step - 1)
@@ -419,8 +411,9 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
                 logger.log(step, {"epoch": epoch + 1, **({"loss/val": val} if val is not None else {})})
                 if config.save_epochs:
                     checkpoint()
-    final = {"steps": step, "epochs": config.epochs, **data.samples,
-             "val_loss": validation_loss(trainable, data, config, pad_id), "loss": config.loss,
+    if val is None:  # resumed after the last epoch's validation
+        val = validation_loss(trainable, data, config, pad_id)
+    final = {"steps": step, "epochs": config.epochs, **data.samples, "val_loss": val, "loss": config.loss,
              "lora": config.lora.enabled}
     meta["result"] = final
     atomic_dir(out.path / "model", write_model)

@@ -32,20 +32,30 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` where `mask` is set (0 where nothing is)."""
+    """Mean of `x` weighted by `mask` (0/1, or any non-negative weights): sum(x * mask) / sum(mask), 0 where the
+    mask is empty."""
     count = mask.sum() if dim is None else mask.sum(dim)
-    return masked_sum(x, mask, dim) / count.clamp(min=1)
+    total = masked_sum(x, mask, dim)
+    return torch.where(count > 0, total / count.clamp(min=torch.finfo(total.dtype).tiny), torch.zeros_like(total))
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """`x` shifted to mean 0 and scaled to variance 1 over the masked entries (unbiased variance), 0 elsewhere.
-    Fewer than two masked entries: only shifted."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum, sum of squares, count) of `x` over the masked entries: what `masked_whiten` needs, and what several
+    processes add up to whiten over all their entries."""
+    return (x * mask).sum(), (x * x * mask).sum(), mask.sum()
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, moments: tuple[torch.Tensor, ...] | None = None,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """`x` shifted to mean 0 and scaled to variance 1 over the masked entries (unbiased variance), 0 elsewhere;
+    `moments`: `masked_moments` summed over more data than `x` (other processes'). Fewer than two entries: only
+    shifted."""
+    total, squares, n = moments if moments is not None else masked_moments(x, mask)
+    mean = total / n.clamp(min=1)
     centered = (x - mean) * mask
     if n < 2:
         return centered
-    var = (centered ** 2).sum() / (n - 1)
+    var = (squares - n * mean * mean).clamp(min=0) / (n - 1)
     return centered * torch.rsqrt(var + eps)
 
 
@@ -65,14 +75,15 @@ def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
 # ------------------------------------------------------------------------------------------ advantages
 @torch.no_grad()
 def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        lam: float = 1.0, ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the masked tokens of each row, skipping the others.
 
     `token_rewards`, `values`, `mask`: [B, T]. Tokens with `mask == 0` (the user's and environment's text
     between the agent's turns, padding) are not steps: the recursion carries across them as if they were not
     there, so the last token of one turn bootstraps from the value of the first token of the next turn. Rewards
     on unmasked tokens are ignored: put them on masked ones (the last token of a turn). After a row's last
-    masked token the value is 0 (the episode ends).
+    masked token the value is 0 (the episode ends); `ends` [B, T] (bool) marks more such ends, after which
+    nothing is bootstrapped (bi-level GAE's turns).
 
         delta_t = r_t + gamma * V(next masked t') - V(t);   A_t = delta_t + gamma * lam * A_t'
 
@@ -85,6 +96,10 @@ def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, g
     last = torch.zeros_like(values[:, 0])
     for t in range(values.shape[1] - 1, -1, -1):
         here = m[:, t]
+        if ends is not None:
+            cut = ends[:, t] & here
+            next_value = torch.where(cut, 0.0, next_value)
+            last = torch.where(cut, 0.0, last)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         step = delta + gamma * lam * last
         advantages[:, t] = torch.where(here, step, 0.0)
@@ -119,9 +134,8 @@ def bi_level_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.
     rewards, values = token_rewards.float() * m, values.float()
     ends = turn_ends(m)
     turn_id = torch.cumsum(ends.long(), dim=1) - ends.long()  # tokens of turn k (0-based) carry k
-    advantages = torch.zeros_like(values)
-    returns = torch.zeros_like(values)
-    for b in range(values.shape[0]):
+    low_rewards = torch.zeros_like(values)  # each turn's return G_i on its last token
+    for b in range(values.shape[0]):  # high level: a handful of turns per row
         end_positions = ends[b].nonzero().flatten()
         n = len(end_positions)
         if n == 0:
@@ -135,17 +149,9 @@ def bi_level_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.
         for i in range(n - 1, -1, -1):
             last = turn_rewards[i] + turn_gamma * next_values[i] - end_values[i] + turn_gamma * lam * last
             turn_adv[i] = last
-        turn_return = turn_adv + end_values
-        low_rewards = torch.zeros_like(values[b])
-        low_rewards[end_positions] = turn_return
-        row_mask = m[b].clone()
-        row_adv, row_ret = torch.zeros_like(values[b]), torch.zeros_like(values[b])
-        for i in range(n):  # each turn is its own low-level episode
-            turn = row_mask & (turn_id[b] == i)
-            a, r = gae(low_rewards[None], values[b][None], turn[None], gamma, lam)
-            row_adv, row_ret = row_adv + a[0], row_ret + r[0]
-        advantages[b], returns[b] = row_adv, row_ret
-    return advantages, returns
+        low_rewards[b, end_positions] = turn_adv + end_values
+    # low level: every turn its own episode, in one pass over all rows
+    return gae(low_rewards, values, m, gamma, lam, ends=ends)
 
 
 @torch.no_grad()

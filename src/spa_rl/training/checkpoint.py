@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from spa_rl.errors import SpaError
-from spa_rl.io import atomic_dir
+from spa_rl.io import atomic_dir, recover_dir
 
 STATE_FILE = "trainer_state.pt"
 
@@ -74,7 +74,7 @@ class Checkpointer:
     """A training run's checkpoint directory, written atomically."""
 
     def __init__(self, directory: str | Path) -> None:
-        self.dir = Path(directory)
+        self.dir = recover_dir(directory)
 
     def exists(self) -> bool:
         return (self.dir / STATE_FILE).is_file()

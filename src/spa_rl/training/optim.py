@@ -1,6 +1,13 @@
 """The optimizer side of training, shared by SFT and RL: AdamW, the learning-rate schedule, gradient
-clipping, precision (autocast or fp32 master weights) and accelerate's process wrapping, bundled as one
-`Trainable` per model being trained (SFT has one; PPO has an actor and a critic).
+clipping, precision (autocast or fp32 master weights) and data parallelism, bundled as one `Trainable` per
+model being trained (SFT has one; PPO has an actor and a critic).
+
+Data parallelism (`accelerate launch --num_processes N`): every process holds the whole model and its own
+share of the data; `step()` sums the gradients over the processes before clipping and updating, so every
+process makes the same update (callers scale their losses by the global batch). This is what DDP does, done
+once per optimizer step on the gradients the optimizer sees (the fp32 master copies in bf16 training), so
+processes may run different numbers of micro-batches and bf16 accumulation never rounds. Sharding a model too
+large for one device (FSDP) is not implemented.
 
 This module must never decide what is trained on or how a loss is computed: it only applies gradients.
 """
@@ -15,8 +22,6 @@ import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from spa_rl.training.precision import MasterWeights, Precision
-
-SCHEDULES = ("cosine", "constant")
 
 
 def adamw(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.AdamW:
@@ -44,7 +49,7 @@ def make_accelerator(device: str) -> Any:
 
 class Trainable:
     """A model being trained: AdamW over its trainable parameters (or their fp32 master copies when the
-    precision is bf16), a warm-up schedule, gradient clipping, and accelerate's wrapping.
+    precision is bf16), a warm-up schedule, gradient clipping, and the gradient sum over processes.
 
     Per optimizer step: `backward(loss)` for each micro-batch (inside `autocast()`), then `step()`.
     """
@@ -59,11 +64,13 @@ class Trainable:
         self.params = self.master.params if self.master else [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(self.params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         warmup = int(warmup_ratio * total_steps)
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown schedule {schedule!r}: use cosine or constant")
         if schedule == "cosine":
             self.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
         else:
             self.scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = model, optimizer
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -76,12 +83,18 @@ class Trainable:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of `loss` (into the fp32 master copies when there are any)."""
-        self.accelerator.backward(loss)
+        loss.backward()
         if self.master:
             self.master.accumulate()
 
     def step(self) -> float:
-        """Clip, update, advance the schedule; return the gradient norm before clipping."""
+        """Sum the gradients over processes, clip, update, advance the schedule; return the gradient norm before
+        clipping."""
+        if self.accelerator.num_processes > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         self.optimizer.step()
         if self.master:
@@ -94,14 +107,9 @@ class Trainable:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    @property
-    def unwrapped(self) -> torch.nn.Module:
-        """The model without accelerate's wrapper (what is saved)."""
-        return self.accelerator.unwrap_model(self.model)
-
     def weights(self) -> dict[str, torch.Tensor] | None:
         """The weights to save: the fp32 master copies when there are any (None: the model's own)."""
-        return self.master.state_dict(self.unwrapped) if self.master else None
+        return self.master.state_dict(self.model) if self.master else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

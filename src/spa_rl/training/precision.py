@@ -62,19 +62,24 @@ def native_bf16(device: str) -> bool:
     return False
 
 
-def resolve_precision(dtype: str, device: str, training: bool = False) -> Precision:
-    """The precision for `--dtype` on `device` (already resolved, not `auto`); `training` refuses what cannot be
-    trained (fp16 without loss scaling) and `bf16-autocast` outside training."""
+def check_dtype(dtype: str, training: bool) -> None:
+    """Refuse a `--dtype` this use cannot run: fp16 for training (it needs loss scaling), bf16-autocast outside
+    it. Stages call it from their settings' checks, before any work."""
     if dtype not in DTYPES:
         raise SpaError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if training and dtype == "fp16":
+        raise SpaError("dtype fp16 cannot be trained here (it needs loss scaling): use bf16, bf16-autocast or fp32")
+    if not training and dtype == "bf16-autocast":
+        raise SpaError("dtype bf16-autocast is a training precision: use bf16, fp16 or fp32 here")
+
+
+def resolve_precision(dtype: str, device: str, training: bool = False) -> Precision:
+    """The precision for `--dtype` on `device` (already resolved, not `auto`), after `check_dtype`."""
+    check_dtype(dtype, training)
     if dtype == "auto":
         if native_bf16(device):
             return Precision("bf16")
         return Precision("fp16" if device.startswith("cuda") and not training else "fp32")
-    if training and dtype == "fp16":
-        raise SpaError("dtype fp16 cannot be trained here (it needs loss scaling): use bf16, bf16-autocast or fp32")
-    if not training and dtype == "bf16-autocast":
-        raise SpaError("dtype bf16-autocast is a training precision: use bf16, fp16 or fp32 for inference")
     return Precision(dtype)
 
 

@@ -1,0 +1,126 @@
+"""Benchmark: where a PPO step of `spa train` goes on this machine, with the embedded model, against baselines
+measured in the same run.
+
+    python benchmarks/rl.py [--steps 2] [--new-tokens 96] [--sizes 4x4,8x4,4x8]
+
+For each size (puzzles per step x samples per puzzle) it runs `spa train`'s own loop (`rl.trainer.train_rl`,
+GAE with a critic, every group kept) for `--steps` steps on Sokoban and reports, per step: seconds in
+generation, scoring (old log-probs, values) and the update (actor and critic, forward and backward), generated
+tokens per second inside training, and the peak resident memory of the process (each size in a fresh
+subprocess). Two baselines from the same run: whole episodes through the rollout engine alone (what
+`benchmarks/rollout.py` calls "whole episodes", same model, same prompts, same token budget), and the matrix
+multiply peak of this CPU in the training precision, against which the update's model FLOPs are counted
+(6 x parameters per trained token for each of actor and critic, plus 2 x parameters per token for each
+no-grad scoring pass inside the update's step, which this count leaves out). This script must never be
+imported by the package or the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def worker(phase: str, puzzles: int, samples: int, steps: int, new_tokens: int) -> dict:
+    import torch
+
+    from spa_rl.io import read_jsonl
+    from spa_rl.models import load_model
+    from spa_rl.rl.trainer import RLConfig, train_rl
+    from spa_rl.training import resolve_precision
+
+    result: dict = {"phase": phase, "puzzles": puzzles, "samples": samples, "threads": torch.get_num_threads()}
+    if phase == "episodes":  # the rollout engine alone, as benchmarks/rollout.py times whole episodes
+        from spa_rl.generation import SamplingConfig, make_backend
+        from spa_rl.rollout import RolloutConfig, RolloutEngine
+
+        lm = load_model()
+        engine = RolloutEngine(RolloutConfig(env="sokoban", sampling=SamplingConfig(max_new_tokens=new_tokens),
+                                             max_concurrent=32), make_backend("kv", lm.model, lm.tokenizer),
+                               lm.tokenizer)
+        t0 = time.perf_counter()
+        episodes = engine.run(list(range(puzzles)), group_size=samples, seed=0)
+        elapsed = time.perf_counter() - t0
+        result["tokens_per_s"] = sum(len(t.response_ids) for e in episodes for t in e.turns) / elapsed
+    else:
+        with tempfile.TemporaryDirectory() as out:
+            config = RLConfig.make(out=out, env="sokoban", steps=steps, puzzles_per_step=puzzles,
+                                   samples_per_puzzle=samples, keep_ratio=1.0, minibatch_size=puzzles * samples,
+                                   max_new_tokens=new_tokens, eval_every=0, eval_before=False, eval_puzzles=1,
+                                   eval_samples=1, tensorboard=False, save_every=0)
+            train_rl(config, quiet=True)
+            rows = [r for r in read_jsonl(f"{out}/metrics.jsonl") if "time/update" in r]
+            params = sum(p.numel() for p in load_model(dtype="fp32").model.parameters())
+        result["precision"] = resolve_precision(config.model.dtype, "cpu", training=True).name
+        result["params"] = params
+        result["rows"] = rows
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+def run(phase: str, puzzles: int, samples: int, steps: int, new_tokens: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", phase, str(puzzles), str(samples), str(steps),
+                          str(new_tokens)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=2, help="PPO steps per size (default 2; the first is included)")
+    parser.add_argument("--new-tokens", type=int, default=96, help="max new tokens per response (default 96)")
+    parser.add_argument("--sizes", default="4x4,8x4,4x8", help="puzzles x samples per step (default 4x4,8x4,4x8)")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        phase, puzzles, samples, steps, new_tokens = args.worker
+        print(json.dumps(worker(phase, int(puzzles), int(samples), int(steps), int(new_tokens))))
+        return
+    import torch
+
+    from spa_rl.training.precision import cpu_supports_bf16
+
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, native bf16 (AVX-512 BF16 or AMX): {cpu_supports_bf16()}; Sokoban, "
+          f"{args.new_tokens} new tokens, {args.steps} steps per size, every group kept")
+    sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    for puzzles, samples in sizes:
+        base = run("episodes", puzzles, samples, 1, args.new_tokens)
+        got = run("train", puzzles, samples, args.steps, args.new_tokens)
+        peak = matmul_peak(got["precision"])
+        print(f"{puzzles} puzzles x {samples} samples ({got['precision']}, peak {peak / 1e9:.0f} GFLOP/s, "
+              f"{got['peak_rss_gib']:.2f} GiB peak RSS):")
+        for r in got["rows"]:
+            tokens = r["rollout/response_tokens"] * r["rollout/turns"] * puzzles * samples
+            trained = r.get("perf/trained_tokens", 0)
+            flops = 2 * 6 * got["params"] * trained  # actor and critic, forward and backward
+            share = flops / max(r["time/update"], 1e-9) / peak
+            print(f"  step {r['step']}: generate {r['time/generate']:6.1f} s ({r['perf/generated_tokens_per_s']:.1f} "
+                  f"tok/s, {tokens:.0f} tokens) | score {r['time/score']:5.1f} s | update {r['time/update']:6.1f} s "
+                  f"({trained} trained tokens, {share:.1%} of the peak by 6N x 2 models)")
+        print(f"  baseline, the engine alone on the same episodes: {base['tokens_per_s']:.1f} tok/s "
+              f"(peak RSS {base['peak_rss_gib']:.2f} GiB)")
+
+
+if __name__ == "__main__":
+    main()

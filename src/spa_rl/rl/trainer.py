@@ -1,0 +1,650 @@
+"""`spa train`: multi-turn PPO with a critic (or GRPO, or turn-level GAE) for LLM agents, from any checkpoint
+(docs/method.md §6). The algorithm reads top to bottom in `train_rl`; the maths is in `core.py`.
+
+Each step: play `puzzles_per_step` training puzzles × `samples_per_puzzle` episodes with the fast rollout
+engine on the actor's current weights; add the per-turn bonuses; keep the groups whose rewards vary most; score
+the kept episodes with the training forward pass (old log-probs, values, reference log-probs); compute
+advantages; run PPO epochs over minibatches for actor and critic. Every `eval_every` steps the validation
+puzzles are played (Pass@1, Pass@k, world-model accuracy); checkpoints are atomic and a rerun resumes exactly.
+Every model stays in eval mode (no dropout, e.g. LoRA's), so the ratio of new to old log-probs is exactly 1
+before the first update. Several processes (`accelerate launch`) each play their share of the puzzles, keep an
+equal share of the chosen groups and sum their gradients (`Trainable.step`).
+
+Why our own trainer: TRL removed its PPO trainer in 2026; veRL, RAGEN, OpenRLHF and SkyRL need Ray and CUDA.
+None trains multi-turn agents with a critic on a CPU. This module must never hold RL maths (that is `core.py`)
+or plumbing SFT shares (that is `spa_rl.training`).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate.utils import gather_object
+
+from spa_rl.config import Seeded, claim_output, setting, to_dict
+from spa_rl.errors import SpaError
+from spa_rl.evaluation import compute_metrics
+from spa_rl.generation import make_backend
+from spa_rl.io import atomic_dir, atomic_write_json, read_json
+from spa_rl.models import ModelConfig, for_training, load_model, pick_device
+from spa_rl.novelty import state_novelty
+from spa_rl.plots import plot_rl
+from spa_rl.progress import progress_bar, say
+from spa_rl.rl import core
+from spa_rl.rl.episodes import Trajectory, build_trajectory, group_diversity, prediction_scores
+from spa_rl.rl.models import PolicyModel, ValueModel, load_backbone
+from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine
+from spa_rl.seeds import check_training_range, training_seeds, validation_seeds
+from spa_rl.training import (
+    Checkpointer,
+    LogConfig,
+    LoRAConfig,
+    RunLogger,
+    Trainable,
+    apply_lora,
+    make_accelerator,
+    micro_batches,
+    resolve_precision,
+    save_model,
+)
+from spa_rl.training.precision import check_dtype
+
+STAGE = "train"
+
+
+@dataclass(kw_only=True)
+class RLConfig(Seeded):
+    """`spa train`: PPO (defaults: the paper's and its reference code's, docs/method.md §6)."""
+
+    out: str = setting(metavar="DIR")
+    """Run directory: model/ (the actor, HF format), critic/, checkpoint/, metrics.jsonl, curves.png."""
+    model: ModelConfig = setting(factory=ModelConfig)
+    rollout: RolloutConfig = setting(factory=RolloutConfig)
+    steps: int = setting(1000, ge=1)
+    """PPO steps (each: rollouts, then the update)."""
+    puzzles_per_step: int = setting(32, ge=1)
+    """Training puzzles played per step (fresh seeds every step, below the validation range)."""
+    samples_per_puzzle: int = setting(8, ge=1)
+    """Episodes per puzzle: a group, whose reward spread decides whether it is kept and (GRPO) its baseline."""
+    first_seed: int = setting(0, ge=0)
+    """First training puzzle seed; step s plays first_seed + s * puzzles_per_step and on."""
+    keep_ratio: float = setting(0.25, gt=0, le=1)
+    """Share of groups kept for the update: those with the highest within-group reward standard deviation
+    (1: keep all)."""
+    advantage: Literal["gae", "grpo", "bi-level-gae"] = "gae"
+    """gae: token-level GAE with a learned critic, skipping the text between turns; grpo: the episode's score
+    normalised within its group (no critic); bi-level-gae: turn-level GAE, then token-level inside each turn."""
+    gamma: float = setting(1.0, ge=0, le=1)
+    """Discount per token (GAE)."""
+    lam: float = setting(1.0, ge=0, le=1)
+    """GAE's lambda."""
+    turn_gamma: float = setting(0.95, ge=0, le=1)
+    """Discount per turn (bi-level-gae)."""
+    grpo_norm_by_std: bool = True
+    """GRPO: divide by the group's reward standard deviation (--no-grpo-norm-by-std: only subtract its mean)."""
+    whiten_advantages: bool = True
+    """Shift and scale GAE advantages to mean 0 and variance 1 over the loss tokens of the step."""
+    actor_lr: float = setting(1e-6, gt=0)
+    """Actor learning rate (constant)."""
+    critic_lr: float = setting(1e-5, gt=0)
+    """Critic learning rate (constant)."""
+    ppo_epochs: int = setting(1, ge=1)
+    """Passes over the kept episodes per step."""
+    minibatch_size: int = setting(64, ge=1)
+    """Episodes per optimizer step (over all processes)."""
+    micro_batch_size: int = setting(8, ge=1)
+    """Episodes per forward/backward pass, at most (gradients accumulate to the minibatch)."""
+    micro_batch_tokens: int = setting(8192, ge=0)
+    """Tokens (padding included) per forward/backward pass, at most: bounds memory (0: no bound)."""
+    clip_low: float = setting(0.2, ge=0, lt=1)
+    """PPO's ratio clip below 1: the ratio is kept above 1 - clip_low."""
+    clip_high: float = setting(0.28, ge=0)
+    """PPO's ratio clip above 1 (higher than clip_low: clip-higher, more room to raise unlikely tokens)."""
+    dual_clip: float | None = setting(3.0, gt=1)
+    """Dual clip: for negative advantages the loss is bounded by -A * dual_clip (none: off)."""
+    value_clip: float | None = setting(0.5, gt=0)
+    """The critic's new values stay within this of the old ones in its loss (none: off)."""
+    entropy_coef: float = setting(0.001, ge=0)
+    """Weight of the entropy bonus."""
+    kl_coef: float = setting(0.0, ge=0)
+    """Weight of the KL penalty to the reference model (0: off, and no reference is loaded)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """KL estimator: k1 (logp - ref_logp) or k3 (always >= 0, lower variance)."""
+    reference: str = "init"
+    """The KL penalty's reference model: init (the starting checkpoint), none, or a model path."""
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    """How per-token losses become one number."""
+    reward_placement: Literal["final", "per-turn"] = "final"
+    """final: the episode's total reward on its last token; per-turn: each turn's reward on the turn's last token."""
+    loss_tokens: Literal["assistant", "after-system"] = "assistant"
+    """assistant: the loss and GAE cover the agent's own tokens; after-system: every token after the system
+    prompt, environment text included (what the reference code did)."""
+    max_grad_norm: float = setting(1.0, gt=0)
+    """Gradients are clipped to this norm (actor and critic separately)."""
+    world_model_coef: float = setting(0.0, ge=0)
+    """Weight of a cross-entropy term on the true observation and prediction of each episode rewritten as
+    self-play data is, so PPO does not erode what SFT taught (0: off)."""
+    prediction_reward: float = setting(0.0, ge=0)
+    """Per-turn bonus for a <prediction> that matches the true next state (0: off)."""
+    prediction_match: Literal["exact", "cell"] = "exact"
+    """How the prediction bonus scores: exact match (1/0) or the share of grid cells right."""
+    curiosity_coef: float = setting(0.0, ge=0)
+    """Per-turn intrinsic reward beta * N(s'): the novelty of the state the turn reached under the current
+    model (docs/method.md §8) (0: off)."""
+    eval_every: int = setting(10, ge=0)
+    """Play the validation puzzles every N steps, and after the last (0: only after the last)."""
+    eval_puzzles: int = setting(32, ge=1)
+    """Validation puzzles per evaluation (the fixed seeds from 1,000,000,000 on)."""
+    eval_samples: int = setting(8, ge=1)
+    """Episodes per validation puzzle (Pass@k for k up to this)."""
+    eval_before: bool = True
+    """Also evaluate before the first step (the starting checkpoint's numbers; --no-eval-before skips it)."""
+    save_every: int = setting(10, ge=0)
+    """Checkpoint every N steps (0: only at the end); a rerun resumes from the last one."""
+    lora: LoRAConfig = setting(factory=LoRAConfig)
+    log: LogConfig = setting(factory=LogConfig)
+
+    @property
+    def kept_groups(self) -> int:
+        return max(1, math.floor(self.keep_ratio * self.puzzles_per_step + 1e-9))
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage != "grpo"
+
+    def check(self) -> None:
+        kept = self.kept_groups * self.samples_per_puzzle
+        if kept < self.minibatch_size:
+            raise SpaError(f"keep_ratio x puzzles_per_step x samples_per_puzzle leaves {kept} episodes a step, fewer "
+                           f"than one minibatch (minibatch_size {self.minibatch_size}): lower --minibatch-size or "
+                           f"keep more episodes")
+        if self.samples_per_puzzle < 2 and self.advantage == "grpo":
+            raise SpaError("advantage grpo needs samples_per_puzzle >= 2: a group of one has no baseline")
+        if self.samples_per_puzzle < 2 and self.keep_ratio < 1:
+            raise SpaError("keep_ratio < 1 needs samples_per_puzzle >= 2: one sample per group has no reward spread "
+                           "to rank groups by (set --keep-ratio 1)")
+        if self.kl_coef > 0 and self.reference == "none":
+            raise SpaError("kl_coef > 0 needs a reference model: set --reference init (or a path), or --kl-coef 0")
+        check_dtype(self.model.dtype, training=True)
+        if self.rollout.format != "world-model" and (self.prediction_reward > 0 or self.world_model_coef > 0):
+            raise SpaError("prediction_reward and world_model_coef need --format world-model (plain responses have "
+                           "no <prediction>)")
+        if self.advantage == "bi-level-gae" and self.loss_tokens == "after-system":
+            raise SpaError("advantage bi-level-gae needs --loss-tokens assistant: with after-system the whole "
+                           "conversation is one run of loss tokens, so there are no turns to discount between")
+        sampling = self.rollout.sampling
+        if sampling.temperature <= 0 or sampling.top_p < 1 or sampling.top_k > 0:
+            raise SpaError("PPO needs untruncated sampling (temperature > 0, top_p 1, top_k 0): otherwise the "
+                           "sampled tokens' log-probs are not the policy's and the ratio is off-policy")
+        check_training_range(self.first_seed, self.steps * self.puzzles_per_step)
+
+
+# ------------------------------------------------------------------------------------------ batches
+@dataclass
+class Batch:
+    """The kept episodes of a step as right-padded tensors. Token quantities are [N, T-1] in the frame of the
+    predicted tokens: column j describes token j+1 (its log-prob and value come from position j)."""
+
+    ids: torch.Tensor
+    """[N, T] token ids, right-padded."""
+    lengths: list[int]
+    mask: torch.Tensor
+    """[N, T-1] 1 where the loss covers the token."""
+    sampled: torch.Tensor
+    """[N, T-1] 1 where the policy sampled the token."""
+    rollout_logprobs: torch.Tensor
+    rewards: torch.Tensor
+    groups: torch.Tensor
+    """[N] group of each episode."""
+    scores: torch.Tensor
+    """[N] each episode's total reward."""
+    old_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, trajectories: list[Trajectory], pad_id: int) -> Batch:
+        n, width = len(trajectories), max(len(t.ids) for t in trajectories)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        token = {k: torch.zeros((n, width - 1)) for k in ("mask", "sampled", "rollout_logprobs", "rewards")}
+        for r, t in enumerate(trajectories):
+            ids[r, :len(t.ids)] = torch.tensor(t.ids)
+            for k, values in (("mask", t.mask), ("sampled", t.sampled), ("rollout_logprobs", t.rollout_logprobs),
+                              ("rewards", t.rewards)):
+                token[k][r, :len(t.ids) - 1] = torch.tensor(values[1:], dtype=torch.float)
+        return cls(ids, [len(t.ids) for t in trajectories], token["mask"], token["sampled"],
+                   token["rollout_logprobs"], token["rewards"], torch.tensor([t.group for t in trajectories]),
+                   torch.tensor([t.score for t in trajectories]))
+
+    @classmethod
+    def of_sequences(cls, sequences: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+        """(ids, loss mask) pairs as a batch with no rewards (the world-model term's sequences)."""
+        return cls.of([Trajectory(ids, mask, [0] * len(ids), [0.0] * len(ids), [0.0] * len(ids), 0, 0.0)
+                       for ids, mask in sequences], pad_id)
+
+    def rows(self, idx: list[int], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(ids [b, L], attention mask [b, L], keep [b, L-1] bool, L) of rows `idx`, cut to their longest."""
+        width = max(self.lengths[i] for i in idx)
+        index = torch.tensor(idx)
+        ids = self.ids[index, :width]
+        attention = (torch.arange(width)[None, :] < torch.tensor([self.lengths[i] for i in idx])[:, None]).long()
+        return ids.to(device), attention.to(device), self.mask[index, :width - 1].bool().to(device), width
+
+    def micro(self, idx: list[int], config: RLConfig) -> list[list[int]]:
+        order = sorted(idx, key=lambda i: self.lengths[i])
+        return micro_batches(self.lengths, order, config.micro_batch_size, config.micro_batch_tokens)
+
+
+@torch.no_grad()
+def score_rows(model: torch.nn.Module, batch: Batch, config: RLConfig, device: Any,
+               autocast: Any, values: bool = False) -> torch.Tensor:
+    """[N, T-1] the policy's log-probs (or the critic's values) of every kept episode on the loss tokens."""
+    out = torch.zeros_like(batch.mask)
+    for idx in batch.micro(list(range(len(batch.lengths))), config):
+        ids, attention, keep, width = batch.rows(idx, device)
+        with autocast():
+            got = model(ids, attention, keep) if values else model(ids, attention, keep)[0]
+        dense = torch.zeros((len(idx), width - 1))
+        dense[keep.cpu()] = got.float().cpu()
+        out[torch.tensor(idx), :width - 1] = dense
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def train_rl(config: RLConfig, quiet: bool = False) -> dict:
+    """Run (or resume) PPO into `config.out`; return the final metrics."""
+    out = claim_output(config.out, STAGE, config, done="result.json")
+    if out.finished:
+        say(f"{out.path} already holds this finished RL run: nothing to do", quiet)
+        return read_json(out.path / "result.json", "result")
+    device = pick_device(config.model.device)
+    accelerator = make_accelerator(device)
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    if config.puzzles_per_step % world or config.kept_groups % world or config.minibatch_size % world:
+        raise SpaError(f"puzzles_per_step, the kept groups ({config.kept_groups}) and minibatch_size must divide "
+                       f"evenly over the {world} processes")
+    precision = resolve_precision(config.model.dtype, device, training=True)
+    dev = str(accelerator.device)
+    reference = None
+    if config.kl_coef > 0:  # first: a wrong reference path fails before the big loads
+        ref_path = config.model.model if config.reference == "init" else config.reference
+        ref_lm = load_model(ref_path, dev, "bf16" if precision.name == "bf16" else "fp32").model.eval()
+        reference = PolicyModel(ref_lm.requires_grad_(False), config.rollout.sampling.temperature)
+    # actor (and critic) from the checkpoint when resuming; else from the starting model, an adapter merged into
+    # its base (a new adapter is trained on top with --lora)
+    ckpt = Checkpointer(out.path / "checkpoint")
+    resume = ckpt.exists()
+    lm = load_model(str(ckpt.dir / "actor") if resume else config.model.model, dev, "fp32", merge_adapter=not resume)
+    tokenizer, pad_id = lm.tokenizer, lm.tokenizer.pad_token_id
+    policy = PolicyModel(apply_lora(for_training(lm.model), config.lora).eval(), config.rollout.sampling.temperature)
+    actor = Trainable(policy, precision, accelerator, lr=config.actor_lr, total_steps=config.steps,
+                      schedule="constant", max_grad_norm=config.max_grad_norm)
+    critic = None
+    if config.uses_critic:
+        if resume:
+            value_model = ValueModel(for_training(load_backbone(str(ckpt.dir / "critic"), dev)),
+                                     lm.model.config.hidden_size)
+            value_model.load_head(ckpt.dir / "critic")
+        else:
+            value_model = ValueModel.from_causal_lm(for_training(load_model(config.model.model, dev, "fp32").model))
+        critic = Trainable(value_model.to(dev).eval(), precision, accelerator, lr=config.critic_lr,
+                           total_steps=config.steps, schedule="constant", max_grad_norm=config.max_grad_norm)
+    engine = RolloutEngine(config.rollout, make_backend(config.rollout.backend, policy.lm, tokenizer), tokenizer)
+    step = 0
+    if resume:
+        state = ckpt.load()
+        actor.load_state_dict(state.states["actor"])
+        if critic is not None:
+            critic.load_state_dict(state.states["critic"])
+        step = state.step
+        say(f"resuming {out.path} from its checkpoint at step {step} of {config.steps}", quiet or not main)
+    logger = RunLogger(out.path, config.log, to_dict(config), resume_step=step) if main else None
+    meta = {"stage": "rl", "config": to_dict(config), "precision": precision.name, "base_model": config.model.model}
+
+    def write_models(directory: Path) -> None:
+        (directory / "actor").mkdir()
+        save_model(policy.lm, tokenizer, directory / "actor", meta, _strip(actor.weights(), "lm."))
+        if critic is not None:
+            (directory / "critic").mkdir()
+            critic.model.save(directory / "critic", critic.weights())
+
+    def checkpoint() -> None:
+        if main:
+            states = {"actor": actor.state_dict(), **({"critic": critic.state_dict()} if critic else {})}
+            ckpt.save(step, write_models, states)
+        accelerator.wait_for_everyone()
+
+    def log(values: dict) -> None:
+        if logger is not None:
+            logger.log(step, values)
+
+    with progress_bar(transient=quiet or not main) as bar:
+        if step == 0 and config.eval_before and main:
+            log(evaluate_policy(engine, config, bar))
+        task = bar.add_task("PPO", total=config.steps, completed=step, unit="steps")
+        while step < config.steps:
+            metrics = ppo_step(step, config, engine, tokenizer, pad_id, policy, actor, critic, reference,
+                               accelerator)
+            step += 1
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps and main:
+                metrics.update(evaluate_policy(engine, config, bar))
+            log(metrics)
+            bar.advance(task)
+            if not math.isfinite(metrics["losses/policy_loss"]) or not math.isfinite(metrics["losses/value_loss"]):
+                raise SpaError(f"the losses became {metrics['losses/policy_loss']} / {metrics['losses/value_loss']} at "
+                               f"step {step}: stopped; the last good checkpoint is in {ckpt.dir} (lower the learning "
+                               f"rates and rerun in another directory)")
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                checkpoint()
+        final = evaluate_policy(engine, config, bar) if main else {}
+    if world > 1:  # every process must have made the same updates
+        final["dist/weight_spread"] = weight_spread(actor.params, accelerator.device)
+    log(final)
+    checkpoint()
+    if main:
+        result = {"steps": step, **{k: v for k, v in final.items() if isinstance(v, int | float)}}
+        meta["result"] = result
+        atomic_dir(out.path / "model", lambda d: save_model(policy.lm, tokenizer, d, meta,
+                                                            _strip(actor.weights(), "lm.")))
+        if critic is not None:
+            atomic_dir(out.path / "critic", lambda d: critic.model.save(d, critic.weights()))
+        atomic_write_json(out.path / "result.json", result)
+        logger.close()
+        plot_rl(out.path)
+    accelerator.wait_for_everyone()
+    return read_json(out.path / "result.json", "result")
+
+
+def weight_spread(params: list[torch.Tensor], device: Any) -> float:
+    """The largest difference between processes of a fingerprint of `params` (the sum of their absolute values in
+    float64): 0 when every process holds the same weights."""
+    fingerprint = torch.tensor([sum(float(p.detach().double().abs().sum()) for p in params)], dtype=torch.float64,
+                               device=device)
+    gathered = [torch.zeros_like(fingerprint) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, fingerprint)
+    return float(max(g.item() for g in gathered) - min(g.item() for g in gathered))
+
+
+def _strip(state: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:
+    return None if state is None else {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _all_reduce(values: list[float], device: Any, world: int) -> list[float]:
+    """`values` summed over the processes (returned as they are in one process)."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any, pad_id: int, policy: PolicyModel,
+             actor: Trainable, critic: Trainable | None, reference: PolicyModel | None,
+             accelerator: Any) -> dict[str, float]:
+    """One PPO step: rollouts, rewards, the group filter, scoring, advantages, the update. Returns its metrics."""
+    device, rc = accelerator.device, config.rollout
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # 1. rollouts with the current weights: this process plays its share of the step's puzzles
+    t0 = time.perf_counter()
+    seeds = training_seeds(config.first_seed + step * config.puzzles_per_step, config.puzzles_per_step)
+    episodes = engine.run(seeds[rank::world], group_size=config.samples_per_puzzle,
+                          seed=config.seed * 1_000_003 + step * 97 + rank)
+    engine.backend.reset()
+    t_generate = time.perf_counter() - t0
+    generated = sum(len(t.response_ids) for e in episodes for t in e.turns)
+    # 2. rewards: the environment's per turn plus the bonuses; the episodes as token sequences
+    t0 = time.perf_counter()
+    group_of = {seed: g for g, seed in enumerate(seeds)}
+    groups = [group_of[e.seed] for e in episodes]
+    bonuses = per_turn_bonuses(episodes, config, policy.lm, tokenizer)
+    trajectories = [build_trajectory(e, tokenizer, g, placement=config.reward_placement, loss_tokens=config.loss_tokens,
+                                     bonuses=b, world_model=config.world_model_coef > 0, fmt=rc.format,
+                                     render=rc.render)
+                    for e, g, b in zip(episodes, groups, bonuses, strict=True)]
+    diversity = group_diversity(episodes, groups)
+    # 3. the groups whose rewards vary most, chosen over all processes; each process takes an equal share
+    everything = gather_object(trajectories) if world > 1 else trajectories
+    group_scores: dict[int, list[float]] = {}
+    for t in everything:
+        group_scores.setdefault(t.group, []).append(t.score)
+    group_ids = sorted(group_scores)
+    stds = torch.tensor([torch.tensor(group_scores[g]).std(unbiased=False).item() for g in group_ids])
+    chosen = core.keep_most_varied_groups(stds, config.keep_ratio)
+    mine = {group_ids[i] for i in chosen.tolist()[rank::world]}
+    kept = [t for t in everything if t.group in mine]
+    batch = Batch.of(kept, pad_id)
+    # 4. score the kept episodes with the training forward pass (the same code the update runs)
+    batch.old_logprobs = score_rows(policy, batch, config, device, actor.autocast)
+    if critic is not None:
+        batch.values = score_rows(critic.model, batch, config, device, critic.autocast, values=True)
+    if reference is not None:
+        batch.ref_logprobs = score_rows(reference, batch, config, device, actor.autocast)
+    t_score = time.perf_counter() - t0
+    # 5. advantages
+    mask = batch.mask
+    if config.advantage == "grpo":
+        adv = core.group_advantages(batch.scores, batch.groups, config.grpo_norm_by_std)
+        batch.advantages, batch.returns = adv[:, None] * mask, torch.zeros_like(mask)
+    else:
+        if config.advantage == "gae":
+            batch.advantages, batch.returns = core.gae(batch.rewards, batch.values, mask, config.gamma, config.lam)
+        else:
+            batch.advantages, batch.returns = core.bi_level_gae(batch.rewards, batch.values, mask, config.gamma,
+                                                                config.lam, config.turn_gamma)
+        if config.whiten_advantages:
+            moments = _all_reduce([float(x) for x in core.masked_moments(batch.advantages, mask)], device, world)
+            batch.advantages = core.masked_whiten(batch.advantages, mask, tuple(torch.tensor(m) for m in moments))
+    # 6. PPO epochs over minibatches, actor and critic
+    t0 = time.perf_counter()
+    stats = update(batch, kept, config, actor, critic, reference, device, step, world)
+    t_update = time.perf_counter() - t0
+    # 7. what happened, over all processes
+    local = [sum(float(e.success) for e in episodes), float(len(episodes)), float(generated),
+             float(sum(len(e.turns) for e in episodes)), diversity["distinct_actions"],
+             diversity["distinct_responses"], float(core.masked_sum((batch.rollout_logprobs - batch.old_logprobs).abs(),
+                                                                    batch.sampled)), float(batch.sampled.sum()),
+             float(sum(batch.lengths) * config.ppo_epochs)]
+    (successes, n_episodes, tokens, turns, distinct_actions, distinct_responses, mismatch, sampled,
+     trained) = _all_reduce(local, device, world)
+    metrics = {
+        **stats,
+        "rollout/reward_mean": float(torch.tensor([t.score for t in everything]).mean()),
+        "rollout/success": successes / max(n_episodes, 1),
+        "rollout/kept_group_std": float(stds[chosen].mean()),
+        "rollout/group_std": float(stds.mean()),
+        "rollout/response_tokens": tokens / max(turns, 1),
+        "rollout/turns": turns / max(n_episodes, 1),
+        "rollout/logprob_mismatch": mismatch / max(sampled, 1),
+        "rollout/distinct_actions": distinct_actions / world,
+        "rollout/distinct_responses": distinct_responses / world,
+        "time/generate": t_generate, "time/score": t_score, "time/update": t_update,
+        "perf/generated_tokens_per_s": tokens / world / max(t_generate, 1e-9),
+        "perf/trained_tokens": trained,
+        "perf/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    for name in ("prediction", "novelty"):
+        values = [v for t in everything for v in t.bonuses.get(name, [])]
+        if values:
+            metrics[f"rollout/{name}_bonus"] = sum(values) / len(values)
+    if critic is not None:
+        metrics["losses/explained_variance"] = float(core.explained_variance(batch.values, batch.returns, mask))
+    return metrics
+
+
+def per_turn_bonuses(episodes: list[Episode], config: RLConfig, lm: Any,
+                     tokenizer: Any) -> list[dict[str, tuple[float, list[float]]]]:
+    """For each episode, its bonuses by name: (coefficient, value per turn)."""
+    out: list[dict[str, tuple[float, list[float]]]] = [{} for _ in episodes]
+    if config.prediction_reward > 0:
+        for d, e in zip(out, episodes, strict=True):
+            d["prediction"] = (config.prediction_reward, prediction_scores(e, config.prediction_match))
+    if config.curiosity_coef > 0:
+        states = sorted({t.state_after for e in episodes for t in e.turns})
+        novelty = dict(zip(states, state_novelty(lm, tokenizer, config.rollout, states), strict=True))
+        for d, e in zip(out, episodes, strict=True):
+            d["novelty"] = (config.curiosity_coef, [novelty[t.state_after] for t in e.turns])
+    return out
+
+
+def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Trainable, critic: Trainable | None,
+           reference: PolicyModel | None, device: Any, step: int, world: int) -> dict[str, float]:
+    """PPO epochs over minibatches: the actor's clipped loss (with entropy, KL and world-model terms) and the
+    critic's clipped value loss, gradients summed over processes. Returns the mean statistics."""
+    per_process = config.minibatch_size // world
+    generator = torch.Generator().manual_seed(config.seed * 7919 + step)
+    totals: dict[str, float] = {}
+    count = 0
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(len(kept), generator=generator).tolist()
+        for start in range(0, len(kept), per_process):
+            minibatch = order[start:start + per_process]
+            weights = token_weights(batch.mask, minibatch, config.loss_agg, device, world)
+            stats = _actor_minibatch(batch, kept, minibatch, weights, config, actor, reference, device, world)
+            if critic is not None:
+                stats.update(_critic_minibatch(batch, minibatch, weights, config, critic, device))
+            keys = sorted(stats)
+            stats = dict(zip(keys, _all_reduce([stats[k] for k in keys], device, world), strict=True))
+            weight = stats.pop("weight")
+            stats = {k: v / max(weight, 1e-12) if k in WEIGHTED_STATS else v for k, v in stats.items()}
+            stats["losses/grad_norm"] = actor.step()
+            if critic is not None:
+                stats["losses/critic_grad_norm"] = critic.step()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += 1
+    out = {k: v / max(count, 1) for k, v in totals.items()}
+    out.setdefault("losses/value_loss", 0.0)
+    return out
+
+
+WEIGHTED_STATS = ("losses/clipfrac", "losses/dual_clipfrac", "losses/approx_kl", "losses/value_clipfrac")
+"""Statistics summed as weight x value over micro-batches and processes, divided by the total weight."""
+
+
+def token_weights(mask: torch.Tensor, minibatch: list[int], agg: str, device: Any, world: int) -> torch.Tensor:
+    """[N, T-1] each loss token's weight in its minibatch's loss, so that the minibatch's loss, cut into
+    micro-batches and over processes, is exactly `core.aggregate(losses, mask, agg)` of the whole: for
+    token-mean 1 / (the minibatch's loss tokens); for seq-mean-token-sum 1 / (its sequences); for
+    seq-mean-token-mean 1 / (its sequences x the row's tokens). The loss is then sum(weight x per-token loss)."""
+    rows = torch.tensor(minibatch)
+    tokens = mask[rows].sum(-1)
+    total_tokens, total_rows = _all_reduce([float(tokens.sum()), float((tokens > 0).sum())], device, world)
+    weights = torch.zeros_like(mask)
+    if agg == "token-mean":
+        weights[rows] = mask[rows] / max(total_tokens, 1.0)
+    elif agg == "seq-mean-token-sum":
+        weights[rows] = mask[rows] / max(total_rows, 1.0)
+    else:
+        weights[rows] = mask[rows] / (tokens[:, None].clamp(min=1) * max(total_rows, 1.0))
+    return weights
+
+
+def _weighted(loss_and_stats: tuple[torch.Tensor, dict], weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """A loss computed as a token-mean under fractional weights, turned into the weighted sum (the micro-batch's
+    share of the minibatch's loss); its statistics likewise, to be divided by the total weight later."""
+    loss, stats = loss_and_stats
+    total = weight.sum()
+    return loss * total, {k: float(v) * float(total) for k, v in stats.items()}
+
+
+def _actor_minibatch(batch: Batch, kept: list[Trajectory], minibatch: list[int], weights: torch.Tensor,
+                     config: RLConfig, actor: Trainable, reference: PolicyModel | None, device: Any,
+                     world: int) -> dict[str, float]:
+    sums: dict[str, float] = {"weight": 0.0}
+
+    def add(name: str, value: float) -> None:
+        sums[name] = sums.get(name, 0.0) + value
+
+    for idx in batch.micro(minibatch, config):
+        ids, attention, keep, width = batch.rows(idx, device)
+        rows = torch.tensor(idx)
+        w = weights[rows, :width - 1].to(device)
+        with actor.autocast():
+            logp_flat, entropy_flat = actor.model(ids, attention, keep)
+        logp = torch.zeros(w.shape, device=device, dtype=logp_flat.dtype).masked_scatter(keep, logp_flat)
+        entropy = torch.zeros(w.shape, device=device, dtype=entropy_flat.dtype).masked_scatter(keep, entropy_flat)
+        old = batch.old_logprobs[rows, :width - 1].to(device)
+        adv = batch.advantages[rows, :width - 1].to(device)
+        pg, stats = _weighted(core.policy_loss(logp, old, adv, w, config.clip_low, config.clip_high,
+                                               config.dual_clip), w)
+        ent = core.masked_sum(entropy, w)
+        loss = pg - config.entropy_coef * ent
+        if reference is not None:
+            ref = batch.ref_logprobs[rows, :width - 1].to(device)
+            kl = core.masked_sum(core.kl_penalty(logp, ref, config.kl_estimator), w)
+            loss = loss + config.kl_coef * kl
+            add("losses/kl", float(kl))
+        actor.backward(loss)
+        add("weight", float(w.sum()))
+        add("losses/policy_loss", float(pg))
+        add("losses/entropy", float(ent))
+        for k, v in stats.items():
+            add(f"losses/{k}", v)
+    if config.world_model_coef > 0:
+        sums["losses/world_model"] = _world_model_loss(kept, minibatch, config, actor, device, world)
+    return sums
+
+
+def _world_model_loss(kept: list[Trajectory], minibatch: list[int], config: RLConfig, actor: Trainable,
+                      device: Any, world: int) -> float:
+    """Cross-entropy (at temperature 1, as SFT trains) on the true states of the minibatch's episodes rewritten as
+    self-play data, weighted by `world_model_coef` and normalised by the state tokens over all processes, into the
+    actor's gradients. Returns this process's share of the mean NLL per state token."""
+    sequences = [kept[i].world_model for i in minibatch if kept[i].world_model is not None]
+    local = sum(sum(mask[1:]) for _, mask in sequences)
+    (total,) = _all_reduce([float(local)], device, world)
+    if not sequences or total == 0:
+        return 0.0
+    wm = Batch.of_sequences(sequences, pad_id=0)
+    nll_sum = 0.0
+    for idx in wm.micro(list(range(len(sequences))), config):
+        ids, attention, keep, _ = wm.rows(idx, device)
+        with actor.autocast():
+            logp, _ = actor.model(ids, attention, keep, temperature=1.0)
+        nll = -logp.sum()
+        actor.backward(config.world_model_coef * nll / total)
+        nll_sum += float(nll)
+    return nll_sum / total
+
+
+def _critic_minibatch(batch: Batch, minibatch: list[int], weights: torch.Tensor, config: RLConfig,
+                      critic: Trainable, device: Any) -> dict[str, float]:
+    sums = {"losses/value_loss": 0.0, "losses/value_clipfrac": 0.0}
+    for idx in batch.micro(minibatch, config):
+        ids, attention, keep, width = batch.rows(idx, device)
+        rows = torch.tensor(idx)
+        w = weights[rows, :width - 1].to(device)
+        with critic.autocast():
+            values_flat = critic.model(ids, attention, keep)
+        values = torch.zeros(w.shape, device=device, dtype=values_flat.dtype).masked_scatter(keep, values_flat)
+        old = batch.values[rows, :width - 1].to(device)
+        returns = batch.returns[rows, :width - 1].to(device)
+        loss, stats = _weighted(core.value_loss(values, old, returns, w, config.value_clip), w)
+        critic.backward(loss)
+        sums["losses/value_loss"] += float(loss)
+        sums["losses/value_clipfrac"] += stats["clipfrac"]
+    return sums
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def evaluate_policy(engine: RolloutEngine, config: RLConfig, bar: Any) -> dict[str, float]:
+    """Pass@1, Pass@k and world-model accuracy of the current policy on the validation puzzles (`val/...`),
+    with a task on the caller's progress bar."""
+    task = bar.add_task("validation", total=config.eval_puzzles * config.eval_samples, unit="episodes")
+    episodes = engine.run(validation_seeds(config.eval_puzzles), group_size=config.eval_samples, seed=config.seed,
+                          progress=lambda n: bar.advance(task, n))
+    bar.remove_task(task)
+    engine.backend.reset()
+    metrics = compute_metrics(episodes, config.eval_samples)
+    keep = [k for k in metrics if k.startswith(("pass@", "any@"))] + [
+        "format_rate", "action_valid_rate", "mean_reward", "observation_exact", "prediction_exact",
+        "prediction_cell_acc", "prediction_exact_changed", "copy_exact_baseline"]
+    return {f"val/{k}": float(metrics[k]) for k in keep if isinstance(metrics.get(k), int | float)}

@@ -1,0 +1,169 @@
+"""The PPO trainer end to end on a tiny model: what it logs and saves, exact resume, the masks it trains on,
+and the settings it refuses before any rollout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spa_rl.cli import main
+from spa_rl.errors import SpaError
+from spa_rl.io import read_jsonl
+from spa_rl.rl.episodes import build_trajectory, system_prefix_length
+from spa_rl.rl.trainer import RLConfig, train_rl
+
+SMALL = dict(env="frozenlake-det", puzzles_per_step=4, samples_per_puzzle=2, keep_ratio=1.0, minibatch_size=4,
+             micro_batch_size=2, max_new_tokens=6, eval_puzzles=2, eval_samples=2, eval_every=0, dtype="fp32",
+             tensorboard=False, actor_lr=1e-3, critic_lr=1e-3)
+
+
+def _config(out, model, **kw):
+    return RLConfig.make(out=str(out), model=str(model), **{**SMALL, **kw})
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo", "bi-level-gae"])
+def test_two_steps_log_save_and_plot(tiny_model_dir, tmp_path, advantage):
+    result = train_rl(_config(tmp_path / "run", tiny_model_dir, steps=2, advantage=advantage,
+                              reward_placement="per-turn" if advantage == "bi-level-gae" else "final"), quiet=True)
+    assert result["steps"] == 2 and "val/pass@1" in result and "val/pass@2" in result
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    steps = [r for r in rows if "losses/policy_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac", "losses/grad_norm",
+                "rollout/reward_mean", "rollout/success", "rollout/kept_group_std", "rollout/response_tokens",
+                "rollout/logprob_mismatch", "rollout/distinct_actions", "rollout/distinct_responses",
+                "time/generate", "time/score", "time/update"):
+        assert key in steps[0], key
+    assert ("losses/explained_variance" in steps[0]) == (advantage != "grpo")
+    assert steps[0]["rollout/logprob_mismatch"] < 1e-3, "the trainer scores the sampled tokens as the sampler did"
+    assert any("val/pass@1" in r for r in rows if r["step"] == 0), "the starting checkpoint is evaluated"
+    assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "model" / "config.json").is_file()
+    assert (tmp_path / "run" / "critic").is_dir() == (advantage != "grpo")
+    assert main(["eval", "--env", "frozenlake-det", "--model", str(tmp_path / "run" / "model"), "--puzzles", "1",
+                 "--samples", "1", "--max-new-tokens", "4", "--dtype", "fp32"]) == 0
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path, monkeypatch):
+    import spa_rl.rl.trainer as trainer
+
+    straight = train_rl(_config(tmp_path / "a", tiny_model_dir, steps=3, save_every=1), quiet=True)
+    original = trainer.ppo_step
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(trainer, "ppo_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(_config(tmp_path / "b", tiny_model_dir, steps=3, save_every=1), quiet=True)
+    monkeypatch.setattr(trainer, "ppo_step", original)
+    resumed = train_rl(_config(tmp_path / "b", tiny_model_dir, steps=3, save_every=1), quiet=True)
+    assert resumed == straight
+    for part in ("model/model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
+        a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    logged = [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "losses/policy_loss" in r]
+    assert logged == [1, 2, 3]
+
+
+def test_masks_cover_exactly_the_agents_tokens_over_a_multi_turn_episode(tokenizer, tiny_model_dir):
+    from test_rollout import ScriptedBackend
+
+    from spa_rl.rollout import RolloutConfig, RolloutEngine
+
+    text = "<think> <observation> x </observation> go <prediction> y </prediction> </think> <answer> Up </answer>"
+    engine = RolloutEngine(RolloutConfig(env="sokoban", max_turns=3), ScriptedBackend(tokenizer, [text]), tokenizer)
+    (episode,) = engine.run([5])
+    assert len(episode.turns) == 3
+    traj = build_trajectory(episode, tokenizer, 0, placement="per-turn")
+    covered = tokenizer.decode([t for t, m in zip(traj.ids, traj.mask, strict=True) if m])
+    responses = "".join(tokenizer.decode(t.response_ids) for t in episode.turns)
+    assert covered == responses and sum(traj.mask) == sum(len(t.response_ids) for t in episode.turns)
+    ends = [i for i, r in enumerate(traj.rewards) if r != 0]
+    assert [traj.mask[i] for i in ends] == [1, 1, 1] and all(traj.mask[i + 1] == 0 for i in ends[:-1]), \
+        "each turn's reward sits on its last sampled token"
+    assert traj.rewards[ends[-1]] == pytest.approx(episode.turns[-1].reward)
+    final = build_trajectory(episode, tokenizer, 0, placement="final")
+    assert [i for i, r in enumerate(final.rewards) if r != 0] == [ends[-1]]
+    assert final.rewards[ends[-1]] == pytest.approx(episode.total_reward)
+    after = build_trajectory(episode, tokenizer, 0, loss_tokens="after-system")
+    skip = system_prefix_length(tokenizer, episode.messages, after.ids)
+    assert skip > 0 and after.mask == [0] * skip + [1] * (len(after.ids) - skip)
+    assert "You're a helpful assistant." in tokenizer.decode(after.ids[:skip])
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(keep_ratio=0.25, minibatch_size=64), "fewer than one minibatch"),
+    (dict(samples_per_puzzle=1, advantage="grpo", minibatch_size=1), "grpo needs samples_per_puzzle >= 2"),
+    (dict(samples_per_puzzle=1, keep_ratio=0.5, minibatch_size=1), "keep_ratio < 1 needs samples_per_puzzle >= 2"),
+    (dict(kl_coef=0.1, reference="none"), "kl_coef > 0 needs a reference model"),
+    (dict(format="plain", prediction_reward=1.0), "need --format world-model"),
+    (dict(dtype="fp16"), "fp16 cannot be trained"),
+])
+def test_settings_that_cannot_work_together_are_refused(tmp_path, settings, message):
+    with pytest.raises(SpaError, match=message):
+        _config(tmp_path / "x", "smollm2-135m", **settings)
+    assert not (tmp_path / "x").exists(), "refused before anything was written"
+
+
+def test_an_init_that_is_not_a_model_is_one_line(tmp_path, capsys):
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "README").write_text("hello")
+    assert main(["train", "--env", "frozenlake-det", "--init", str(tmp_path / "notamodel"), "--out",
+                 str(tmp_path / "run"), "--keep-ratio", "1", "--minibatch-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load the model" in err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["stage"] == "train"
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_a_minibatch_cut_into_micro_batches_gives_the_same_loss_and_gradient(tokenizer, agg):
+    """The loss and gradient of a minibatch do not depend on how it is cut for memory: they equal
+    `core.aggregate` over the whole minibatch."""
+    import copy
+
+    from conftest import build_tiny_model
+
+    from spa_rl.rl import core
+    from spa_rl.rl.episodes import Trajectory
+    from spa_rl.rl.models import PolicyModel
+    from spa_rl.rl.trainer import Batch, score_rows, update
+    from spa_rl.training import Trainable, make_accelerator, resolve_precision
+
+    gen = torch.Generator().manual_seed(0)
+    trajectories = []
+    for n in (9, 14, 6, 11):
+        ids = torch.randint(10, 500, (n,), generator=gen).tolist()
+        mask = [0, 0] + torch.randint(0, 2, (n - 2,), generator=gen).tolist()
+        mask[-1] = 1
+        trajectories.append(Trajectory(ids, mask, mask, [0.0] * n, [0.0] * n, 0, 0.0))
+    base = PolicyModel(build_tiny_model(tokenizer).eval())
+    batch = Batch.of(trajectories, pad_id=0)
+    results = []
+    for micro in (4, 2, 1):
+        config = RLConfig.make(out="x", keep_ratio=1.0, puzzles_per_step=4, samples_per_puzzle=1, minibatch_size=4,
+                               micro_batch_size=micro, loss_agg=agg, advantage="grpo", dtype="fp32")
+        policy = copy.deepcopy(base)
+        actor = Trainable(policy, resolve_precision("fp32", "cpu", training=True), make_accelerator("cpu"),
+                          lr=1e-9, total_steps=1, schedule="constant", max_grad_norm=1e9)
+        batch.old_logprobs = score_rows(policy, batch, config, "cpu", actor.autocast) - 0.3 * batch.mask
+        batch.advantages = torch.linspace(-1, 1, batch.mask.numel()).view_as(batch.mask) * batch.mask
+        results.append(update(batch, trajectories, config, actor, None, None, "cpu", 0, 1))
+        if micro == 4:  # one micro-batch: the loss must be core.aggregate over the whole minibatch
+            ids, attention, keep, width = batch.rows([0, 1, 2, 3], "cpu")
+            with torch.no_grad():
+                logp_flat, _ = copy.deepcopy(base)(ids, attention, keep)
+            logp = torch.zeros(keep.shape).masked_scatter(keep, logp_flat)
+            want, _ = core.policy_loss(logp, batch.old_logprobs[:, :width - 1], batch.advantages[:, :width - 1],
+                                       batch.mask[:, :width - 1], agg=agg)
+            assert results[-1]["losses/policy_loss"] == pytest.approx(float(want), rel=1e-5)
+    for other in results[1:]:
+        for key in ("losses/policy_loss", "losses/grad_norm", "losses/clipfrac", "losses/approx_kl", "losses/entropy"):
+            assert other[key] == pytest.approx(results[0][key], rel=1e-4, abs=1e-7), key
