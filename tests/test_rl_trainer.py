@@ -148,7 +148,7 @@ def test_a_minibatch_cut_into_micro_batches_gives_the_same_loss_and_gradient(tok
     batch = Batch.of(trajectories, pad_id=0)
     results = []
     for micro in (4, 2, 1):
-        config = RLConfig.make(out="x", keep_ratio=1.0, puzzles_per_step=4, samples_per_puzzle=1, minibatch_size=4,
+        config = RLConfig.make(out="x", keep_ratio=1.0, puzzles_per_step=2, samples_per_puzzle=2, minibatch_size=4,
                                micro_batch_size=micro, loss_agg=agg, advantage="grpo", dtype="fp32")
         policy = copy.deepcopy(base)
         actor = Trainable(policy, resolve_precision("fp32", "cpu", training=True), make_accelerator("cpu"),
@@ -167,3 +167,35 @@ def test_a_minibatch_cut_into_micro_batches_gives_the_same_loss_and_gradient(tok
     for other in results[1:]:
         for key in ("losses/policy_loss", "losses/grad_norm", "losses/clipfrac", "losses/approx_kl", "losses/entropy"):
             assert other[key] == pytest.approx(results[0][key], rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_two_processes_with_accelerate_launch_stay_identical(tiny_model_dir, tmp_path):
+    """`accelerate launch --num_processes 2` on the CPU runs two steps; both processes end with the same weights.
+    (accelerate's `--cpu` launcher starts several processes only through MPI; `--multi_gpu` starts them with
+    torchrun, and `--device cpu` keeps them on the CPU with the gloo backend.)"""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate's launcher is installed with the package"
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "spa_rl.cli", "train", "--env", "frozenlake-det",
+           "--init", str(tiny_model_dir), "--out", str(tmp_path / "run"), "--steps", "2", "--puzzles-per-step", "4",
+           "--samples-per-puzzle", "2", "--keep-ratio", "1", "--minibatch-size", "4", "--micro-batch-size", "1",
+           "--max-new-tokens", "6", "--eval-puzzles", "2", "--eval-samples", "2", "--eval-every", "0",
+           "--no-eval-before", "--dtype", "fp32", "--device", "cpu", "--no-tensorboard", "--actor-lr", "1e-3",
+           "--critic-lr", "1e-3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "losses/policy_loss" in r] == [1, 2]
+    (final,) = [r for r in rows if "dist/weight_spread" in r]
+    assert final["dist/weight_spread"] == 0.0
+    trained, start = load_file(tmp_path / "run" / "model" / "model.safetensors"), load_file(
+        tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(trained[k], start[k]) for k in start), "the processes made (the same) updates"

@@ -226,9 +226,13 @@ def cmd_sft(c: Any) -> int:
 
 
 def cmd_train(c: Any) -> int:
+    from accelerate import PartialState
+
     from spa_rl.rl.trainer import train_rl
 
     result = train_rl(c)
+    if not PartialState().is_main_process:  # under accelerate launch, one summary
+        return 0
     shown = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in result.items()
                       if k in ("val/pass@1", "val/pass@8", "val/prediction_exact"))
     _console().print(f"trained {result['steps']} PPO steps; validation: {shown or 'n/a'}\nactor: {c.out}/model   "

@@ -65,8 +65,8 @@ def plot_rounds(out_dir: str | Path) -> Path | None:
 RL_PANELS = (
     ("reward and success (training episodes)", ("rollout/reward_mean", "rollout/success")),
     ("validation Pass@k", ("val/pass@1", "val/pass@2", "val/pass@4", "val/pass@8")),
-    ("world-model accuracy (validation)", ("val/observation_exact", "val/prediction_exact",
-                                           "val/copy_exact_baseline")),
+    ("world-model accuracy", ("val/observation_exact", "val/prediction_exact", "val/copy_exact_baseline",
+                              "rollout/prediction_exact")),
     ("losses", ("losses/policy_loss", "losses/value_loss", "losses/world_model")),
     ("entropy and diversity", ("losses/entropy", "rollout/distinct_actions", "rollout/distinct_responses")),
     ("PPO health", ("losses/approx_kl", "losses/clipfrac", "losses/explained_variance")),

@@ -29,7 +29,7 @@ from accelerate.utils import gather_object
 
 from spa_rl.config import Seeded, claim_output, setting, to_dict
 from spa_rl.errors import SpaError
-from spa_rl.evaluation import compute_metrics
+from spa_rl.evaluation import compute_metrics, world_model_metrics
 from spa_rl.generation import make_backend
 from spa_rl.io import atomic_dir, atomic_write_json, read_json
 from spa_rl.models import ModelConfig, for_training, load_model, pick_device
@@ -447,13 +447,16 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
     stats = update(batch, kept, config, actor, critic, reference, device, step, world)
     t_update = time.perf_counter() - t0
     # 7. what happened, over all processes
-    local = [sum(float(e.success) for e in episodes), float(len(episodes)), float(generated),
-             float(sum(len(e.turns) for e in episodes)), diversity["distinct_actions"],
-             diversity["distinct_responses"], float(core.masked_sum((batch.rollout_logprobs - batch.old_logprobs).abs(),
-                                                                    batch.sampled)), float(batch.sampled.sum()),
-             float(sum(batch.lengths) * config.ppo_epochs)]
-    (successes, n_episodes, tokens, turns, distinct_actions, distinct_responses, mismatch, sampled,
-     trained) = _all_reduce(local, device, world)
+    n_turns = sum(len(e.turns) for e in episodes)
+    wm = world_model_metrics([(t.parsed.observation, t.parsed.prediction, t.state_before, t.state_after)
+                              for e in episodes for t in e.turns])
+    local = [sum(float(e.success) for e in episodes), float(len(episodes)), float(generated), float(n_turns),
+             diversity["distinct_actions"], diversity["distinct_responses"],
+             float(core.masked_sum((batch.rollout_logprobs - batch.old_logprobs).abs(), batch.sampled)),
+             float(batch.sampled.sum()), float(sum(batch.lengths) * config.ppo_epochs),
+             wm["observation_exact"] * n_turns, wm["prediction_exact"] * n_turns]
+    (successes, n_episodes, tokens, turns, distinct_actions, distinct_responses, mismatch, sampled, trained,
+     observation_exact, prediction_exact) = _all_reduce(local, device, world)
     metrics = {
         **stats,
         "rollout/reward_mean": float(torch.tensor([t.score for t in everything]).mean()),
@@ -465,6 +468,8 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
         "rollout/logprob_mismatch": mismatch / max(sampled, 1),
         "rollout/distinct_actions": distinct_actions / world,
         "rollout/distinct_responses": distinct_responses / world,
+        "rollout/observation_exact": observation_exact / max(turns, 1),
+        "rollout/prediction_exact": prediction_exact / max(turns, 1),
         "time/generate": t_generate, "time/score": t_score, "time/update": t_update,
         "perf/generated_tokens_per_s": tokens / world / max(t_generate, 1e-9),
         "perf/trained_tokens": trained,
@@ -581,11 +586,11 @@ def _actor_minibatch(batch: Batch, kept: list[Trajectory], minibatch: list[int],
             ref = batch.ref_logprobs[rows, :width - 1].to(device)
             kl = core.masked_sum(core.kl_penalty(logp, ref, config.kl_estimator), w)
             loss = loss + config.kl_coef * kl
-            add("losses/kl", float(kl))
+            add("losses/kl", float(kl.detach()))
         actor.backward(loss)
         add("weight", float(w.sum()))
-        add("losses/policy_loss", float(pg))
-        add("losses/entropy", float(ent))
+        add("losses/policy_loss", float(pg.detach()))
+        add("losses/entropy", float(ent.detach()))
         for k, v in stats.items():
             add(f"losses/{k}", v)
     if config.world_model_coef > 0:
@@ -611,7 +616,7 @@ def _world_model_loss(kept: list[Trajectory], minibatch: list[int], config: RLCo
             logp, _ = actor.model(ids, attention, keep, temperature=1.0)
         nll = -logp.sum()
         actor.backward(config.world_model_coef * nll / total)
-        nll_sum += float(nll)
+        nll_sum += float(nll.detach())
     return nll_sum / total
 
 
@@ -629,7 +634,7 @@ def _critic_minibatch(batch: Batch, minibatch: list[int], weights: torch.Tensor,
         returns = batch.returns[rows, :width - 1].to(device)
         loss, stats = _weighted(core.value_loss(values, old, returns, w, config.value_clip), w)
         critic.backward(loss)
-        sums["losses/value_loss"] += float(loss)
+        sums["losses/value_loss"] += float(loss.detach())
         sums["losses/value_clipfrac"] += stats["clipfrac"]
     return sums
 
