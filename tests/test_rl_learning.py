@@ -29,10 +29,10 @@ def warm_model(tokenizer, tmp_path_factory):
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     LlamaForCausalLM(config).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
-    collect_data("corridor-right", root / "data", policy="random", puzzles=24, samples=2, format="plain",
-                 render="grid", val_fraction=0.0)
-    train_sft(SFTConfig.make(data=str(root / "data"), out=str(root / "sft"), model=str(root / "base"), epochs=40,
-                             lr=3e-3, warmup_ratio=0.05, batch_size=8, tensorboard=False, dtype="fp32",
+    collect_data("corridor-right", root / "data", policy="random", puzzles=8, samples=2, format="plain",
+                 render="grid", max_new_tokens=24, val_fraction=0.0)  # every puzzle is the same: two rows, Left, Right
+    train_sft(SFTConfig.make(data=str(root / "data"), out=str(root / "sft"), model=str(root / "base"), epochs=300,
+                             lr=3e-3, warmup_ratio=0.05, batch_size=2, tensorboard=False, dtype="fp32",
                              save_epochs=False), quiet=True)
     yield root / "sft" / "model"
     envs.VARIANTS.pop("corridor", None)
@@ -43,13 +43,13 @@ def warm_model(tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_reward_rises_on_a_trivially_learnable_task(warm_model, tmp_path, advantage):
     config = RLConfig.make(out=str(tmp_path / advantage), model=str(warm_model), env="corridor-right", render="grid",
-                           format="plain", steps=24, puzzles_per_step=4, samples_per_puzzle=4, keep_ratio=1.0,
-                           minibatch_size=16, micro_batch_size=16, max_new_tokens=24, actor_lr=2e-3, critic_lr=2e-3,
+                           format="plain", steps=16, puzzles_per_step=4, samples_per_puzzle=4, keep_ratio=1.0,
+                           minibatch_size=16, micro_batch_size=16, max_new_tokens=24, actor_lr=5e-4, critic_lr=1e-3,
                            entropy_coef=0.0, advantage=advantage, eval_before=False, eval_puzzles=2, eval_samples=4,
                            dtype="fp32", tensorboard=False)
     train_rl(config, quiet=True)
     success = [r["rollout/success"] for r in read_jsonl(tmp_path / advantage / "metrics.jsonl")
                if "rollout/success" in r]
-    first, last = statistics.mean(success[:4]), statistics.mean(success[-4:])
+    first, last = success[0], statistics.mean(success[-6:])  # the first step's episodes precede any update
     assert 0.1 < first < 0.9, f"the warm start must say both Left and Right (success {first:.2f})"
-    assert last > first + 0.3 and last > 0.8, f"success {first:.2f} -> {last:.2f}"
+    assert last > first + 0.25 and last > 0.85, f"success {first:.2f} -> {last:.2f}"

@@ -249,7 +249,10 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var(returns - values) / Var(returns) over the masked entries: 1 is a perfect critic, 0 one that
     predicts the mean, negative one that is worse (NaN when the returns do not vary)."""
+    returns, values = returns.double(), values.double()
     var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
     residual = returns - values
     var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
-    return 1 - var_residual / var_returns
+    if var_returns <= 1e-12:  # the returns do not vary (to rounding): nothing to explain
+        return torch.tensor(float("nan"))
+    return (1 - var_residual / var_returns).float()

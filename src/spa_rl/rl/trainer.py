@@ -90,6 +90,10 @@ class RLConfig(Seeded):
     """GRPO: divide by the group's reward standard deviation (--no-grpo-norm-by-std: only subtract its mean)."""
     whiten_advantages: bool = True
     """Shift and scale GAE advantages to mean 0 and variance 1 over the loss tokens of the step."""
+    skip_uniform_steps: bool = True
+    """Skip the actor's update in a step where no kept group's rewards vary (every sample of every puzzle scored
+    the same): there is nothing to compare, and whitened GAE advantages would be the critic's noise scaled up
+    (--no-skip-uniform-steps: update anyway, as the reference code does). The critic learns either way."""
     actor_lr: float = setting(1e-6, gt=0)
     """Actor learning rate (constant)."""
     critic_lr: float = setting(1e-5, gt=0)
@@ -346,7 +350,8 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
                 checkpoint()
         final = evaluate_policy(engine, config, bar) if main else {}
     if world > 1:  # every process must have made the same updates
-        final["dist/weight_spread"] = weight_spread(actor.params, accelerator.device)
+        final["dist/weight_spread"] = weight_spread(actor.params + (critic.params if critic else []),
+                                                    accelerator.device)
     log(final)
     checkpoint()
     if main:
@@ -442,9 +447,11 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
         if config.whiten_advantages:
             moments = _all_reduce([float(x) for x in core.masked_moments(batch.advantages, mask)], device, world)
             batch.advantages = core.masked_whiten(batch.advantages, mask, tuple(torch.tensor(m) for m in moments))
-    # 6. PPO epochs over minibatches, actor and critic
+    # 6. PPO epochs over minibatches, actor and critic (the actor sits out a step whose kept groups all scored
+    # uniformly: a cold model that never follows the format, or one that always wins; --skip-uniform-steps)
+    train_actor = float(stds[chosen].max()) > 0 or not config.skip_uniform_steps
     t0 = time.perf_counter()
-    stats = update(batch, kept, config, actor, critic, reference, device, step, world)
+    stats = update(batch, kept, config, actor if train_actor else None, critic, reference, device, step, world)
     t_update = time.perf_counter() - t0
     # 7. what happened, over all processes
     n_turns = sum(len(e.turns) for e in episodes)
@@ -462,6 +469,7 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
         "rollout/reward_mean": float(torch.tensor([t.score for t in everything]).mean()),
         "rollout/success": successes / max(n_episodes, 1),
         "rollout/kept_group_std": float(stds[chosen].mean()),
+        "rollout/actor_updated": float(train_actor),
         "rollout/group_std": float(stds.mean()),
         "rollout/response_tokens": tokens / max(turns, 1),
         "rollout/turns": turns / max(n_episodes, 1),
@@ -480,7 +488,9 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
         if values:
             metrics[f"rollout/{name}_bonus"] = sum(values) / len(values)
     if critic is not None:
-        metrics["losses/explained_variance"] = float(core.explained_variance(batch.values, batch.returns, mask))
+        explained = float(core.explained_variance(batch.values, batch.returns, mask))
+        if math.isfinite(explained):  # undefined when every return is the same
+            metrics["losses/explained_variance"] = explained
     return metrics
 
 
@@ -499,10 +509,12 @@ def per_turn_bonuses(episodes: list[Episode], config: RLConfig, lm: Any,
     return out
 
 
-def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Trainable, critic: Trainable | None,
-           reference: PolicyModel | None, device: Any, step: int, world: int) -> dict[str, float]:
+def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Trainable | None,
+           critic: Trainable | None, reference: PolicyModel | None, device: Any, step: int,
+           world: int) -> dict[str, float]:
     """PPO epochs over minibatches: the actor's clipped loss (with entropy, KL and world-model terms) and the
-    critic's clipped value loss, gradients summed over processes. Returns the mean statistics."""
+    critic's clipped value loss, gradients summed over processes (`actor` None: the critic only). Returns the
+    mean statistics."""
     per_process = config.minibatch_size // world
     generator = torch.Generator().manual_seed(config.seed * 7919 + step)
     totals: dict[str, float] = {}
@@ -512,21 +524,26 @@ def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Traina
         for start in range(0, len(kept), per_process):
             minibatch = order[start:start + per_process]
             weights = token_weights(batch.mask, minibatch, config.loss_agg, device, world)
-            stats = _actor_minibatch(batch, kept, minibatch, weights, config, actor, reference, device, world)
+            stats = {"weight": 1.0}
+            if actor is not None:
+                stats = _actor_minibatch(batch, kept, minibatch, weights, config, actor, reference, device, world)
             if critic is not None:
                 stats.update(_critic_minibatch(batch, minibatch, weights, config, critic, device))
             keys = sorted(stats)
             stats = dict(zip(keys, _all_reduce([stats[k] for k in keys], device, world), strict=True))
             weight = stats.pop("weight")
             stats = {k: v / max(weight, 1e-12) if k in WEIGHTED_STATS else v for k, v in stats.items()}
-            stats["losses/grad_norm"] = actor.step()
+            if actor is not None:
+                stats["losses/grad_norm"] = actor.step()
             if critic is not None:
                 stats["losses/critic_grad_norm"] = critic.step()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             count += 1
     out = {k: v / max(count, 1) for k, v in totals.items()}
-    out.setdefault("losses/value_loss", 0.0)
+    for key in ("losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
+                "losses/grad_norm"):
+        out.setdefault(key, 0.0)
     return out
 
 
