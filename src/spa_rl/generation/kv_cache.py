@@ -99,6 +99,16 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def _set_length(layer: Any, n: int) -> None:
+    """Tell a static cache layer that its first `n` columns are filled, where it keeps count (transformers 5.24
+    counts in `cumulative_length`; 5.0 does not count, every call passing `cache_position` instead)."""
+    length = getattr(layer, "cumulative_length", None)
+    if isinstance(length, torch.Tensor):
+        length.fill_(n)
+    elif length is not None:
+        layer.cumulative_length = n
+
+
 @dataclass
 class _Copies:
     """Rows that are copies of one prompt (a group's samples): the lean step attends their shared columns once."""
@@ -272,7 +282,7 @@ class KVCacheBackend:
             layer.lazy_initialization(empty, empty)  # layer by layer: old and new caches never both whole
             layer.keys[:, :, :old] = st.keys[i].index_select(0, idx)
             layer.values[:, :, :old] = st.values[i].index_select(0, idx)
-            layer.cumulative_length.fill_(old)
+            _set_length(layer, old)
             st.keys[i] = st.values[i] = None  # free as we go
         mask = torch.zeros((n, width + max_new_tokens), dtype=torch.long, device=device)
         mask[:, :old] = st.mask.index_select(0, idx) * has[:, None]
@@ -404,7 +414,7 @@ class KVCacheBackend:
         if lean:  # the lean step writes the cache directly: set its length counters
             self._lean.release()
             for layer in cache.layers:
-                layer.cumulative_length.fill_(used)
+                _set_length(layer, used)
         if self.reuse:
             self._store(prompts, tokens, cache, lean_cache, rows, parked, mask, prompt_last, width, used, groups)
         return [Generation(tokens[i], logprobs[i], finished[i]) for i in range(n)]
