@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set up spa-rl in a local virtual environment, then run the main job or the tests.
 
-    python3 run.py            set up (first time only) and run the main job on the embedded model
+    python3 run.py            set up (first time only) and run the main job: SPA on FrozenLake with the embedded
+                              model (`spa run spa`, preset cpu, about 30 minutes on 2 cores) and its report
     python3 run.py test       set up (first time only) and run the test suite (ruff + pytest)
     python3 run.py spa ...    set up and run any `spa` command
 
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> int:
         return ruff or tests
     if argv[:1] == ["spa"]:
         return subprocess.run([str(BIN / "spa"), *argv[1:]], cwd=ROOT).returncode
-    return subprocess.run([str(BIN / "spa"), "demo", *argv], cwd=ROOT).returncode
+    return subprocess.run([str(BIN / "spa"), "run", "spa", *argv], cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

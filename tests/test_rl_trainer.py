@@ -203,3 +203,17 @@ def test_two_processes_with_accelerate_launch_stay_identical(tiny_model_dir, tmp
     trained, start = load_file(tmp_path / "run" / "model" / "model.safetensors"), load_file(
         tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(trained[k], start[k]) for k in start), "the actor made (the same) updates"
+
+
+def test_the_extras_and_options_run_and_are_logged(tiny_model_dir, tmp_path):
+    """World-model loss, prediction reward, curiosity, a KL penalty to the reference, LoRA, per-turn rewards,
+    after-system loss tokens: a step each way, their terms in the log."""
+    train_rl(_config(tmp_path / "a", tiny_model_dir, steps=1, world_model_coef=0.5, prediction_reward=1.0,
+                     prediction_match="cell", curiosity_coef=0.1, kl_coef=0.05, kl_estimator="k3",
+                     reward_placement="per-turn", eval_before=False), quiet=True)
+    (row,) = [r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "losses/policy_loss" in r]
+    assert row["losses/world_model"] > 0 and "losses/kl" in row
+    assert "rollout/prediction_bonus" in row and row["rollout/novelty_bonus"] > 0, "N(s') of a random model is high"
+    result = train_rl(_config(tmp_path / "b", tiny_model_dir, steps=1, lora=True, loss_tokens="after-system",
+                              advantage="grpo", eval_before=False), quiet=True)
+    assert result["steps"] == 1 and (tmp_path / "b" / "model" / "adapter_config.json").is_file()

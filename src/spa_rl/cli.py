@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from spa_rl import __version__
-from spa_rl.config import Flags, Seeded, add_arguments, from_args, setting, to_dict
+from spa_rl.config import Flags, Seeded, add_arguments, args_values, from_args, setting, to_dict
 from spa_rl.envs import EnvConfig
 from spa_rl.errors import SpaError
 
@@ -240,6 +240,43 @@ def cmd_train(c: Any) -> int:
     return 0
 
 
+def cmd_run(c: Any) -> int:
+    from spa_rl.pipeline.run import describe, run_pipeline
+
+    _console().print(f"[bold]spa run {c.recipe}[/bold] (preset {c.preset}) on {c.rollout.env}, model "
+                     f"{c.model.model} -> {c.out}\n{describe('recipe', c.recipe)}")
+    report = run_pipeline(c)
+    _console().print(f"done: open {report}")
+    return 0
+
+
+def cmd_imagine(c: Any) -> int:
+    from rich.table import Table
+
+    from spa_rl.imagine import imagine
+
+    m = imagine(c)
+    table = Table(title=f"{c.model.model} imagining {c.rollout.env}: its predictions shown as the state, "
+                        f"{c.puzzles} puzzles x {c.samples}")
+    for col in ("step", "episodes", "exact", "cells", "copy exact", "copy cells"):
+        table.add_column(col, justify="right")
+    for s in m["steps"]:
+        table.add_row(str(s["step"]), str(s["episodes"]), f"{s['exact']:.3f}", f"{s['cells']:.3f}",
+                      f"{s['copy_exact']:.3f}", f"{s['copy_cells']:.3f}")
+    _console().print(table)
+    _console().print("step 1 is the one-step prediction from the true state; from step 2 the agent has seen only "
+                     "its own predictions. copy: the first state, as if nothing changed.")
+    return 0
+
+
+def cmd_compare(c: Any) -> int:
+    from spa_rl.pipeline.report import compare_runs
+
+    report = compare_runs(c)
+    _console().print(f"wrote {report}")
+    return 0
+
+
 def cmd_selfplay(c: Any) -> int:
     from rich.table import Table
 
@@ -269,6 +306,9 @@ class Command:
     """Settings the command line must give although they have defaults."""
     aliases: tuple[tuple[str, str], ...] = ()
     """(dotted path, flag) for settings this command names differently."""
+    make: str | None = None
+    """`module:function` turning the command line's settings into the config, when something lies between them
+    and the defaults (`spa run`'s recipe and preset); else the config class's defaults are the base."""
 
 
 COMMANDS: dict[str, Command] = {
@@ -285,6 +325,15 @@ COMMANDS: dict[str, Command] = {
     "train": Command("RL: multi-turn PPO with a critic (or GRPO, turn-level GAE) from a checkpoint, with validation "
                      "Pass@k and world-model accuracy during training (resumable)", "spa_rl.rl.trainer:RLConfig",
                      cmd_train, required=("env",), aliases=(("model.model", "--init"),)),
+    "run": Command("the whole method, or one of its baselines and ablations, in one resumable run: a recipe (spa, "
+                   "vanilla-rl, state-estimation-rl, spa-masked, spa-self-belief, spa-random-data) at a preset scale "
+                   "(smoke, cpu, paper), then report.html", "spa_rl.pipeline.run:RunConfig", cmd_run,
+                   make="spa_rl.pipeline.run:make_run_config"),
+    "compare": Command("one report over several run directories: the results table and plots overlaid, mean and "
+                       "spread over seeds", "spa_rl.pipeline.report:CompareConfig", cmd_compare),
+    "imagine": Command("the agent plays inside its own world model (its predictions shown as the state): open-loop "
+                       "world-model accuracy per step against the copy baseline", "spa_rl.imagine:ImagineConfig",
+                       cmd_imagine, required=("env",)),
     "selfplay": Command("alternate `spa collect` and `spa sft` for several rounds, logging the novelty of held-out "
                         "states per round (resumable)", "spa_rl.selfplay:SelfPlayConfig", cmd_selfplay,
                         required=("env",)),
@@ -326,12 +375,20 @@ def build_parser(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, dic
     return parser, flags
 
 
+def _config_of(args: argparse.Namespace, flags: Flags) -> Any:
+    command = COMMANDS.get(args.command)
+    if command is not None and command.make:
+        module, name = command.make.split(":")
+        return getattr(importlib.import_module(module), name)(args_values(args, flags))
+    return from_args(args, flags)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser, flags = build_parser(argv)
         args = parser.parse_args(argv)
-        config = from_args(args, flags[args.flags_key]) if args.flags_key else None
+        config = _config_of(args, flags[args.flags_key]) if args.flags_key else None
         if getattr(args, "print_config", False):
             print(json.dumps(to_dict(config), indent=2))
             return 0

