@@ -98,8 +98,12 @@ class RunConfig(Seeded):
             raise SpaError(f"unknown stages {unknown}: a recipe's stages come from {', '.join(STAGES)}")
         if "sft" in self.stages and "collect" not in self.stages:
             raise SpaError("stage sft needs stage collect before it (its data)")
-        for name in STAGE_PARTS:
-            stage_config(self, name, Path(PER_RUN), self.model.model)  # each stage's own checks, before any work
+        if not self.out:
+            raise SpaError("missing setting out: pass --out DIR")
+        for name in STAGE_PARTS:  # each stage's own checks, before any work
+            if name == "imagine" and self.rollout.format != "world-model":
+                continue  # plain responses hold no prediction to imagine with: the run skips the stage
+            stage_config(self, name, Path(PER_RUN), self.model.model)
 
 
 def stage_config(run: RunConfig, name: str, root: Path, model: str) -> Any:
