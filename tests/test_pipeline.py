@@ -17,8 +17,9 @@ RECIPES = ("spa", "vanilla-rl", "state-estimation-rl", "spa-masked", "spa-self-b
 
 
 def _config(recipe: str, out, **extra) -> RunConfig:
+    """The smoke run of `recipe` into `out`, with `extra` settings by name (`seed=2`, `stages=[...]`)."""
     return make_run_config({("recipe",): recipe, ("preset",): "smoke", ("out",): str(out),
-                            ("tensorboard",): False, **extra})
+                            ("tensorboard",): False, **{(k,): v for k, v in extra.items()}})
 
 
 def test_the_recipes_that_ship_are_the_papers_arms():
@@ -113,7 +114,7 @@ def test_reruns_and_refusals(tmp_path, capsys):
     assert main(["run", "spa", "--preset", "huge", "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset 'huge': use one of cpu, paper, smoke" in capsys.readouterr().err
     with pytest.raises(SpaError, match="unknown stages"):
-        _config("spa", tmp_path / "y", **{("stages",): ["collect", "dance"]})
+        _config("spa", tmp_path / "y", stages=["collect", "dance"])
 
 
 def test_a_users_own_recipe_file(tmp_path):
@@ -128,7 +129,7 @@ def test_a_users_own_recipe_file(tmp_path):
 @pytest.mark.slow
 def test_compare_overlays_runs_and_averages_seeds(tmp_path, capsys):
     for seed in (1, 2):
-        run_pipeline(_config("vanilla-rl", tmp_path / f"v{seed}", **{("seed",): seed}), quiet=True)
+        run_pipeline(_config("vanilla-rl", tmp_path / f"v{seed}", seed=seed), quiet=True)
     out = tmp_path / "compare.html"
     assert main(["compare", str(tmp_path / "v1"), str(tmp_path / "v2"), "--out", str(out)]) == 0
     page = out.read_text()

@@ -210,10 +210,10 @@ def test_the_extras_and_options_run_and_are_logged(tiny_model_dir, tmp_path):
     after-system loss tokens: a step each way, their terms in the log."""
     train_rl(_config(tmp_path / "a", tiny_model_dir, steps=1, world_model_coef=0.5, prediction_reward=1.0,
                      prediction_match="cell", curiosity_coef=0.1, kl_coef=0.05, kl_estimator="k3",
-                     reward_placement="per-turn", eval_before=False), quiet=True)
+                     reward_placement="per-turn", eval_before=False, skip_uniform_steps=False), quiet=True)
     (row,) = [r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "losses/policy_loss" in r]
     assert row["losses/world_model"] > 0 and "losses/kl" in row
     assert "rollout/prediction_bonus" in row and row["rollout/novelty_bonus"] > 0, "N(s') of a random model is high"
     result = train_rl(_config(tmp_path / "b", tiny_model_dir, steps=1, lora=True, loss_tokens="after-system",
-                              advantage="grpo", eval_before=False), quiet=True)
+                              advantage="grpo", eval_before=False, skip_uniform_steps=False), quiet=True)
     assert result["steps"] == 1 and (tmp_path / "b" / "model" / "adapter_config.json").is_file()

@@ -514,8 +514,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
     must: dict[tuple[str, ...], str] = {}
     for lf in visible:
         flag = _flag_name(lf)
-        if counts[flag] > 1 and not lf.meta.get("flag"):
-            continue  # reachable with --set PATH=VALUE only
+        if counts[flag] > 1:
+            continue  # two settings would answer to this flag: reachable with --set PATH=VALUE only
         dest = "cfg__" + "__".join(lf.path)
         dests[dest] = lf.path
         base, _ = _optional(lf.type)
