@@ -44,7 +44,8 @@ def run_summary(root: Path) -> dict:
     return {"root": str(root), "name": root.name, "config": config.get("config", {}),
             "eval": _json(root / "eval" / "metrics.json"), "imagine": _json(root / "imagine" / "imagine.json"),
             "novelty": _json(root / "novelty.json"), "rl_rows": rl_rows,
-            "rl_result": _json(root / "rl" / "result.json"), "sft_result": _json(root / "sft" / "result.json")}
+            "rl_result": _json(root / "rl" / "result.json"), "sft_result": _json(root / "sft" / "result.json"),
+            "times": _json(root / "times.json") or {}}
 
 
 RESULT_KEYS = ("pass@1", "pass@2", "pass@4", "pass@8", "format_rate", "action_valid_rate", "observation_exact",
@@ -69,6 +70,8 @@ def results_rows(summary: dict) -> list[tuple[str, str, float | None]]:
         rows += [("imagination (open loop)", "mean exact", imag["mean_exact"]),
                  ("imagination (open loop)", "mean cells", imag["mean_cells"]),
                  ("imagination (open loop)", "copy baseline, cells", imag["mean_copy_cells"])]
+    for stage, seconds in summary.get("times", {}).items():
+        rows.append(("wall time, minutes", stage, seconds / 60))
     return rows
 
 

@@ -10,13 +10,16 @@ Stages, each in its own subdirectory with its own `config.json`, each skipped wh
 interrupted: `warm-start/` (optional: a short SFT on scripted self-play in the arm's own format and render with
 the state contents masked, so that a model too small to follow the format zero-shot gets some reward in every
 arm), `data/` (self-play), `sft/` (world-model SFT), `rl/` (PPO), `eval/` (the final model on the validation
-puzzles), `imagine/` (open-loop world-model accuracy, world-model arms only), then `report.html`. A stage that
+puzzles), `imagine/` (open-loop world-model accuracy, world-model arms only), then `novelty.json` (held-out
+novelty under each stage's model), `times.json` (wall seconds per stage, summed over resumed invocations) and
+`report.html`. A stage that
 fails leaves the earlier ones intact; rerunning the command starts from it. This module must never train or
 play itself: it only chains the stages and fills in the paths between them.
 """
 
 from __future__ import annotations
 
+import time
 import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -28,7 +31,7 @@ from spa_rl.config import Seeded, build, claim_output, coerce, leaf_of, resolve,
 from spa_rl.errors import SpaError
 from spa_rl.evaluation import EvalConfig, evaluate
 from spa_rl.imagine import ImagineConfig, imagine
-from spa_rl.io import atomic_write_json
+from spa_rl.io import atomic_write_json, read_json
 from spa_rl.models import DEFAULT_MODEL, ModelConfig, load_model
 from spa_rl.novelty import heldout_novelty
 from spa_rl.progress import say
@@ -220,8 +223,11 @@ def run_pipeline(config: RunConfig, quiet: bool = False) -> Path:
     if config.rollout.format == "world-model":
         plan.append("imagine")
     model = config.model.model
+    times_path = root / "times.json"
+    times = read_json(times_path, "stage times (delete it to start the count afresh)") if times_path.is_file() else {}
     for k, stage in enumerate(plan, 1):
         say(f"[{k}/{len(plan)}] {stage}: {_what(stage, config)}", quiet)
+        started = time.perf_counter()
         if stage == "warm-start":
             collect(stage_config(config, "warm_collect", root, model), quiet=quiet)
             train_sft(stage_config(config, "warm_sft", root, model), quiet=quiet)
@@ -238,15 +244,20 @@ def run_pipeline(config: RunConfig, quiet: bool = False) -> Path:
             evaluate(stage_config(config, "eval", root, model), quiet=quiet)
         else:
             imagine(stage_config(config, "imagine", root, model), quiet=quiet)
+        times[stage] = times.get(stage, 0.0) + time.perf_counter() - started  # summed over resumed invocations
+        atomic_write_json(times_path, times)
     models = _stage_models(config, root)
     if not (root / "novelty.json").is_file():  # how familiar validation states are to each stage's model
         say(f"held-out novelty of {len(models)} models", quiet)
+        started = time.perf_counter()
         rows = []
         for stage, path in models:
             lm = load_model(path, config.model.device, config.model.dtype)
             rows.append({"stage": stage, "model": path,
                          **heldout_novelty(lm, config.rollout.env, config.rollout.render, config.novelty_puzzles)})
         atomic_write_json(root / "novelty.json", rows)
+        times["novelty"] = time.perf_counter() - started
+        atomic_write_json(times_path, times)
     report = write_report(root)
     say(f"report: {report}", quiet)
     return report
