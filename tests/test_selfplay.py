@@ -61,6 +61,21 @@ def test_rewrite_puts_exactly_the_true_states_in_both_tags(tokenizer, tmp_path, 
         assert all(r["meta"]["state_before"] == r["meta"]["state_after"] for r in malformed_rows)
 
 
+def test_copy_prediction_writes_the_current_state_as_the_prediction(tmp_path):
+    """The format warm start's data: the observation is the true state and the prediction says "nothing changes",
+    while the actions that ran, and so the next turn's state, are real."""
+    collect_data("sokoban", str(tmp_path), policy="random", puzzles=4, samples=2, copy_prediction=True)
+    rows = read_jsonl(tmp_path / "train.jsonl") + read_jsonl(tmp_path / "val.jsonl")
+    assert any(r["meta"]["state_before"] != r["meta"]["state_after"] for r in rows), "some turns changed the state"
+    for row in rows:
+        p = parse_response(row["completion"][0]["content"])
+        assert p.observation == p.prediction == row["meta"]["state_before"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["copy_prediction"] is True
+    with pytest.raises(SpaError, match="copy_prediction rewrites the prediction"):
+        collect_data("sokoban", str(tmp_path / "x"), policy="random", puzzles=1, samples=1, copy_prediction=True,
+                     rewrite=False)
+
+
 def test_split_never_shares_a_trajectory(tmp_path):
     stats = collect_data("sokoban", str(tmp_path), policy="random", puzzles=40, samples=4, val_fraction=0.25)
     train = read_jsonl(tmp_path / "train.jsonl")

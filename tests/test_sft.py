@@ -133,6 +133,7 @@ def test_interrupted_sft_resumes_to_the_same_model(small_dataset, tiny64, tmp_pa
     assert (tmp_path / "b" / "checkpoint" / "trainer_state.pt").is_file()
     resumed = train_sft(config(tmp_path / "b"), quiet=True)
     assert resumed["steps"] == straight["steps"] == 12
+    assert not (tmp_path / "b" / "checkpoint").exists(), "a finished run keeps its model, not its optimizer states"
     assert resumed["val_loss"] == straight["val_loss"]
     from safetensors.torch import load_file
 

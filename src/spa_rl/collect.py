@@ -63,6 +63,9 @@ class CollectConfig(Seeded):
     rewrite: bool = True
     """Replace the agent's observation and prediction by the true states (SPA); --no-rewrite keeps its own beliefs
     (the paper's self-belief ablation)."""
+    copy_prediction: bool = False
+    """With the rewrite, put the current state, not the next one, in <prediction> ("nothing changes"): the format
+    and the observation without the dynamics. `spa run`'s format warm start uses it."""
     val_fraction: float = setting(0.1, ge=0, lt=1)
     """Share of trajectories (not rows) held out for validation."""
     branch_share: float = setting(0.5, ge=0, le=1)
@@ -79,6 +82,8 @@ class CollectConfig(Seeded):
         if self.policy in ("random", "solver") and self.model.model != DEFAULT_MODEL:
             raise SpaError("--model is for --policy model or novelty; scripted policies need no model")
         check_dtype(self.model.dtype, training=False)
+        if self.copy_prediction and not self.rewrite:
+            raise SpaError("copy_prediction rewrites the prediction: it needs the rewrite (drop --no-rewrite)")
 
     @property
     def uses_model(self) -> bool:
@@ -113,15 +118,18 @@ def is_validation(traj_id: str, val_fraction: float) -> bool:
     return h / 0xFFFFFFFF < val_fraction
 
 
-def rewrite_turn(turn: Turn, fmt: str) -> str:
-    """The turn's response with the true states in its tags, its reasoning kept, its executed actions as answer."""
-    return format_response(turn.state_before, turn.parsed.reasoning, turn.state_after, list(turn.actions), fmt)
+def rewrite_turn(turn: Turn, fmt: str, copy_prediction: bool = False) -> str:
+    """The turn's response with the true states in its tags (`copy_prediction`: the current state as the
+    prediction too), its reasoning kept, its executed actions as answer."""
+    prediction = turn.state_before if copy_prediction else turn.state_after
+    return format_response(turn.state_before, turn.parsed.reasoning, prediction, list(turn.actions), fmt)
 
 
 def episode_samples(episode: Episode, fmt: str, render: str, filter_malformed: bool, meta: dict,
-                    round_: int = 0, rewrite: bool = True) -> tuple[list[dict], int]:
+                    round_: int = 0, rewrite: bool = True, copy_prediction: bool = False) -> tuple[list[dict], int]:
     """SFT rows of one episode and the number of turns dropped as malformed. `rewrite=False` keeps the agent's own
-    responses, beliefs included (the paper's self-belief ablation).
+    responses, beliefs included (the paper's self-belief ablation); `copy_prediction` rewrites the prediction
+    as the current state (see `CollectConfig.copy_prediction`).
 
     A dropped turn also ends the trajectory's samples: later turns would condition on a history the model was
     never trained to produce.
@@ -134,7 +142,8 @@ def episode_samples(episode: Episode, fmt: str, render: str, filter_malformed: b
         if filter_malformed and (not turn.parsed.format_ok or not turn.actions):
             dropped = len(episode.turns) - i
             break
-        completion = {"role": "assistant", "content": rewrite_turn(turn, fmt) if rewrite else turn.response}
+        completion = {"role": "assistant",
+                      "content": rewrite_turn(turn, fmt, copy_prediction) if rewrite else turn.response}
         rows.append({
             "prompt": [dict(m) for m in history],
             "completion": [completion],
@@ -160,7 +169,7 @@ def manifest_of(config: CollectConfig) -> dict:
     return {"version": DATASET_VERSION, "env": rc.env, "render": rc.render, "format": rc.format,
             "policy": config.policy, "model": config.model.model if config.uses_model else None,
             "samples": config.samples, "first_seed": config.first_seed, "round": config.round,
-            "rewrite": config.rewrite,
+            "rewrite": config.rewrite, "copy_prediction": config.copy_prediction,
             "novelty_actor": config.novelty_actor if config.policy == "novelty" else None}
 
 
@@ -169,9 +178,11 @@ class DatasetWriter:
     directory's config has been checked by `claim_output` before)."""
 
     def __init__(self, root: str | Path, val_fraction: float = 0.1, filter_malformed: bool = True,
-                 manifest: dict | None = None, extra_meta: dict | None = None, rewrite: bool = True) -> None:
+                 manifest: dict | None = None, extra_meta: dict | None = None, rewrite: bool = True,
+                 copy_prediction: bool = False) -> None:
         self.root = Path(root)
         self.rewrite = rewrite
+        self.copy_prediction = copy_prediction
         self.val_fraction = val_fraction
         self.filter_malformed = filter_malformed
         self.manifest = manifest or {}
@@ -203,7 +214,7 @@ class DatasetWriter:
             stats.successes += int(ep.success)
             stats.turns += len(ep.turns)
             samples, dropped = episode_samples(ep, fmt, render, self.filter_malformed, {**self.extra_meta, **meta},
-                                               round_, self.rewrite)
+                                               round_, self.rewrite, self.copy_prediction)
             stats.dropped_malformed += dropped
             for row in samples:
                 key = _row_key(row)
@@ -248,7 +259,7 @@ def collect(config: CollectConfig, quiet: bool = False) -> CollectStats:
     """
     out = claim_output(config.out, STAGE, config, done="manifest.json")
     writer = DatasetWriter(out.path, config.val_fraction, config.filter_malformed, manifest_of(config),
-                           {"policy": config.policy}, config.rewrite)
+                           {"policy": config.policy}, config.rewrite, config.copy_prediction)
     if out.finished:
         say(f"{out.path} already holds this finished collection: nothing to do", quiet)
         return writer.stats

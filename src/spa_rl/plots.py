@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no GUI backend is chosen or needed
+from matplotlib.ticker import MaxNLocator
 
 from spa_rl.io import read_jsonl
 
@@ -91,6 +92,7 @@ def plot_rl(run_dir: str | Path) -> Path | None:
                 ax.plot(*zip(*points, strict=True), style, lw=1.2, ms=3, label=key.split("/", 1)[1])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("PPO step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -418,6 +418,7 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
     meta["result"] = final
     atomic_dir(out.path / "model", write_model)
     atomic_write_json(out.path / "result.json", final)
+    ckpt.discard()
     logger.close()
     plot_sft(out.path)
     return final

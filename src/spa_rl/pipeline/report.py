@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from spa_rl.config import Config, setting
 from spa_rl.errors import SpaError
@@ -98,6 +99,7 @@ def plot_validation(summaries: list[dict], keys: tuple[str, ...], title: str) ->
     if not drawn:
         return None
     ax.set_xlabel("RL step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -137,6 +139,7 @@ def plot_imagination(summaries: list[dict]) -> bytes | None:
     if not drawn:
         return None
     ax.set_xlabel("turn (from 2 on, the agent sees only its own predictions)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cell accuracy")
     ax.set_title("open-loop world model", fontsize=10)
     ax.grid(alpha=0.3)
@@ -219,9 +222,10 @@ def write_report(root: str | Path) -> Path:
     notes = ""
     if cfg.get("warm_start"):
         notes = ("<p>Every arm at this scale starts with a format warm start: a short SFT on scripted self-play in "
-                 "the arm's own format and render, with the state contents masked, so that a model too small to "
-                 "follow the format zero-shot gets some reward. The arms then differ only in what the paper "
-                 "varies.</p>")
+                 "the arm's own format and render (in the world-model format: the true state as the observation, "
+                 "the prediction rewritten as &ldquo;nothing changes&rdquo;, so no dynamics are taught), so that a "
+                 "model too small to follow the format zero-shot gets some reward. The arms then differ only in "
+                 "what the paper varies.</p>")
     sections = [
         f"<section><h2>Results</h2>{notes}<table><tr><th>where</th><th>metric</th><th>value</th></tr>{rows}"
         "</table></section>",

@@ -7,9 +7,10 @@ or a path) sizes everything for a machine (`smoke`: a tiny model, seconds; `cpu`
 defaults, the preset, the recipe, `--config`, `--set`, flags.
 
 Stages, each in its own subdirectory with its own `config.json`, each skipped when finished and resumed when
-interrupted: `warm-start/` (optional: a short SFT on scripted self-play in the arm's own format and render with
-the state contents masked, so that a model too small to follow the format zero-shot gets some reward in every
-arm), `data/` (self-play), `sft/` (world-model SFT), `rl/` (PPO), `eval/` (the final model on the validation
+interrupted: `warm-start/` (optional: a short SFT on scripted self-play in the arm's own format and render, the
+observation the true state and the prediction rewritten as "nothing changes", so that a model too small to follow
+the format zero-shot gets some reward in every arm while learning no dynamics; with the state contents masked
+instead, the 135M model never learned to close the tags), `data/` (self-play), `sft/` (world-model SFT), `rl/` (PPO), `eval/` (the final model on the validation
 puzzles), `imagine/` (open-loop world-model accuracy, world-model arms only), then `novelty.json` (held-out
 novelty under each stage's model), `times.json` (wall seconds per stage, summed over resumed invocations) and
 `report.html`. A stage that
@@ -48,8 +49,8 @@ PER_RUN = "(set by spa run)"
 
 def _placeholder_stages() -> dict[str, Any]:
     return {
-        "warm_collect": CollectConfig(out=PER_RUN, policy="random", puzzles=32, samples=2),
-        "warm_sft": SFTConfig(data=PER_RUN, out=PER_RUN, loss="masked", epochs=1),
+        "warm_collect": CollectConfig(out=PER_RUN, policy="random", puzzles=32, samples=2, copy_prediction=True),
+        "warm_sft": SFTConfig(data=PER_RUN, out=PER_RUN, loss="full", epochs=1),
         "collect": CollectConfig(out=PER_RUN),
         "sft": SFTConfig(data=PER_RUN, out=PER_RUN),
         "rl": RLConfig(out=PER_RUN),
@@ -77,8 +78,9 @@ class RunConfig(Seeded):
     stages: list[str] = setting(factory=lambda: list(STAGES))
     """The stages the recipe runs, in order (from collect, sft, rl, eval)."""
     warm_start: bool = False
-    """First a short SFT on scripted self-play in the arm's format and render, with the state contents masked: a
-    format warm start for a model too small to follow the format zero-shot (the cpu preset uses it for every arm)."""
+    """First a short SFT on scripted self-play in the arm's format and render, its predictions rewritten as "nothing
+    changes": a format warm start without the dynamics, for a model too small to follow the format zero-shot (the
+    cpu preset uses it for every arm)."""
     model: ModelConfig = setting(factory=ModelConfig)
     """The starting model (and the device and precision of every stage)."""
     rollout: RolloutConfig = setting(factory=lambda: RolloutConfig(env="frozenlake"))
@@ -279,7 +281,7 @@ def _what(stage: str, config: RunConfig) -> str:
     rc = config.rollout
     return {
         "warm-start": f"format warm start: scripted self-play ({config.warm_collect.policy}) in the {rc.format} "
-                      f"format, {rc.render} render, then SFT with the state contents masked",
+                      f"format, {rc.render} render, predictions rewritten as 'nothing changes', then SFT",
         "collect": f"self-play data: the {'model' if config.collect.uses_model else config.collect.policy} plays "
                    f"{config.collect.puzzles} puzzles x {config.collect.samples}, "
                    f"{'true states replace its beliefs' if config.collect.rewrite else 'its own beliefs kept'}",

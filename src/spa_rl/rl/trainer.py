@@ -362,6 +362,7 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
         if critic is not None:
             atomic_dir(out.path / "critic", lambda d: critic.model.save(d, critic.weights()))
         atomic_write_json(out.path / "result.json", result)
+        ckpt.discard()
         logger.close()
         plot_rl(out.path)
     accelerator.wait_for_everyone()
