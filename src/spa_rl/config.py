@@ -482,6 +482,8 @@ def _help(leaf: Leaf, required: bool = False) -> str:
     if base is bool:
         return text
     shown = json.dumps(leaf.default) if isinstance(leaf.default, list | tuple | dict) else leaf.default
+    if shown == "":
+        return text
     shown = "none" if shown is None else shown
     rng = _describe_range(leaf.meta)
     return f"{text} (default: {shown}{'; ' + rng if rng else ''})"
@@ -507,14 +509,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
     visible = _visible(cls)
     if aliases:
         visible = [_renamed(lf, aliases[lf.key]) if lf.key in aliases else lf for lf in visible]
+    def name(lf: Leaf) -> str:  # by setting name, not flag: `--x` and `--no-x` of two settings `x` would both exist
+        return lf.meta.get("flag") or lf.path[-1]
+
     counts: dict[str, int] = {}
     for lf in visible:
-        counts[_flag_name(lf)] = counts.get(_flag_name(lf), 0) + 1
+        counts[name(lf)] = counts.get(name(lf), 0) + 1
     dests: dict[str, tuple[str, ...]] = {}
     must: dict[tuple[str, ...], str] = {}
     for lf in visible:
         flag = _flag_name(lf)
-        if counts[flag] > 1:
+        if counts[name(lf)] > 1:
             continue  # two settings would answer to this flag: reachable with --set PATH=VALUE only
         dest = "cfg__" + "__".join(lf.path)
         dests[dest] = lf.path

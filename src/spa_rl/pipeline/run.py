@@ -76,7 +76,7 @@ class RunConfig(Seeded):
     out: str = setting("", metavar="DIR")
     """Run directory: one subdirectory per stage, config.json, report.html (default: runs/RECIPE-PRESET)."""
     stages: list[str] = setting(factory=lambda: list(STAGES))
-    """The stages the recipe runs, in order (from collect, sft, rl, eval)."""
+    """The stages the recipe runs, in order (from collect, sft, rl, eval; comma-separated on the command line)."""
     warm_start: bool = False
     """First a short SFT on scripted self-play in the arm's format and render, its predictions rewritten as "nothing
     changes": a format warm start without the dynamics, for a model too small to follow the format zero-shot (the
