@@ -63,7 +63,7 @@ def results_rows(summary: dict) -> list[tuple[str, str, float | None]]:
     vals = [r for r in summary["rl_rows"] if "val/pass@1" in r]
     if vals:
         for label, row in (("RL, before the first step", vals[0]), ("RL, after the last step", vals[-1])):
-            for key in ("val/pass@1", "val/pass@8", "val/prediction_exact"):
+            for key in ("val/pass@1", largest_pass_at_k(summary["rl_rows"]), "val/prediction_exact"):
                 if key in row:
                     rows.append((label, key.removeprefix("val/"), row[key]))
     imag = summary["imagine"]
@@ -74,6 +74,13 @@ def results_rows(summary: dict) -> list[tuple[str, str, float | None]]:
     for stage, seconds in summary.get("times", {}).items():
         rows.append(("wall time, minutes", stage, seconds / 60))
     return rows
+
+
+def largest_pass_at_k(rows: list[dict]) -> str:
+    """The validation Pass@k with the largest k the RL stage logged (k is at most its samples per puzzle)."""
+    ks = [int(key.removeprefix("val/pass@")) for r in rows for key in r
+          if key.startswith("val/pass@") and key.removeprefix("val/pass@").isdigit()]
+    return f"val/pass@{max(ks, default=8)}"
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -150,7 +157,8 @@ def plot_imagination(summaries: list[dict]) -> bytes | None:
 def figures(summaries: list[dict]) -> list[tuple[str, bytes]]:
     """The report's figures (title, PNG bytes), the ones with something to draw."""
     out = [
-        ("Validation Pass@1 and Pass@k", plot_validation(summaries, ("val/pass@1", "val/pass@8"),
+        ("Validation Pass@1 and Pass@k", plot_validation(summaries, ("val/pass@1", largest_pass_at_k(
+            [r for summary in summaries for r in summary["rl_rows"]])),
                                                           "validation Pass@k against the RL step")),
         ("World-model accuracy", plot_validation(summaries, ("val/observation_exact", "val/prediction_exact",
                                                               "val/copy_exact_baseline"),

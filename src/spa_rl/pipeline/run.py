@@ -10,11 +10,11 @@ Stages, each in its own subdirectory with its own `config.json`, each skipped wh
 interrupted: `warm-start/` (optional: a short SFT on scripted self-play in the arm's own format and render, the
 observation the true state and the prediction rewritten as "nothing changes", so that a model too small to follow
 the format zero-shot gets some reward in every arm while learning no dynamics; with the state contents masked
-instead, the 135M model never learned to close the tags), `data/` (self-play), `sft/` (world-model SFT), `rl/` (PPO), `eval/` (the final model on the validation
-puzzles), `imagine/` (open-loop world-model accuracy, world-model arms only), then `novelty.json` (held-out
-novelty under each stage's model), `times.json` (wall seconds per stage, summed over resumed invocations) and
-`report.html`. A stage that
-fails leaves the earlier ones intact; rerunning the command starts from it. This module must never train or
+instead, the 135M model never learned to close the tags), `data/` (self-play), `sft/` (world-model SFT), `rl/`
+(PPO), `eval/` (the final model on the validation puzzles), `imagine/` (open-loop world-model accuracy,
+world-model arms only), then `novelty.json` (held-out novelty under each stage's model), `times.json` (wall
+seconds per stage, summed over resumed invocations) and `report.html`. A stage that fails leaves the earlier ones
+intact; rerunning the command starts from it. This module must never train or
 play itself: it only chains the stages and fills in the paths between them.
 """
 
