@@ -34,3 +34,14 @@ def test_rate_switches_to_seconds_per_unit_and_excludes_resumed_work():
     clock[0] = 21.0
     bar.advance(task, 59)
     assert RateColumn().render(bar.tasks[0]).plain == "2.9 steps/s"
+
+
+def test_fractional_progress_that_sums_to_the_total_shows_the_total():
+    from spa_rl.progress import CountColumn
+
+    bar = _bar_at([0.0])
+    task = bar.add_task("self-play", total=48, unit="episodes")
+    for _ in range(48 * 7):  # per-turn fractions of 1/7 episode: their float sum falls just short of 48
+        bar.advance(task, 1 / 7)
+    assert bar.tasks[0].completed != 48
+    assert CountColumn().render(bar.tasks[0]).plain == "48/48"

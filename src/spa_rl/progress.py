@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 _console = Console(stderr=True)
@@ -55,6 +55,15 @@ class EtaColumn(ProgressColumn):
         return Text(f"ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.remaining")
 
 
+class CountColumn(ProgressColumn):
+    """done/total in whole units; fractional progress (per turn) that sums to a whole up to float error counts
+    as that whole (47.9999 of 48 episodes is 48, not 47)."""
+
+    def render(self, task: Task) -> Text:
+        total = "?" if task.total is None else f"{int(task.total)}"
+        return Text(f"{int(task.completed + 1e-6)}/{total}", style="progress.download")
+
+
 class _Progress(Progress):
     def add_task(self, description: str, *args, completed: float = 0, **fields) -> int:  # type: ignore[override]
         return super().add_task(description, *args, completed=completed, initial=completed, **fields)
@@ -76,5 +85,5 @@ def status(message: str) -> Iterator[None]:
 def progress_bar(transient: bool = False) -> Progress:
     """A bar with done/total, true rate, elapsed time and ETA; `add_task(description, total=n, unit="episodes")`
     (`completed=k` for work resumed at k)."""
-    return _Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+    return _Progress(TextColumn("{task.description}"), BarColumn(), CountColumn(), RateColumn(),
                      TimeElapsedColumn(), EtaColumn(), console=_console, transient=transient)
