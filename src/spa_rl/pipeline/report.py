@@ -91,6 +91,19 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _finish(fig: Figure, ax: Any, title: str, xlabel: str = "", ylabel: str = "",
+            integer_x: bool = False) -> bytes:
+    """The report's plot style (title, labels, grid, legend) applied to `ax`; the figure as PNG bytes."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def plot_validation(summaries: list[dict], keys: tuple[str, ...], title: str) -> bytes | None:
     """Validation metrics against the RL step, one line per run and key."""
     fig = Figure(figsize=(6.4, 3.8))
@@ -103,14 +116,7 @@ def plot_validation(summaries: list[dict], keys: tuple[str, ...], title: str) ->
                 label = key.removeprefix("val/") if len(summaries) == 1 else f"{s['name']}: {key.removeprefix('val/')}"
                 ax.plot(*zip(*points, strict=True), "o-", ms=3, lw=1.3, label=label)
                 drawn = True
-    if not drawn:
-        return None
-    ax.set_xlabel("RL step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _finish(fig, ax, title, xlabel="RL step", integer_x=True) if drawn else None
 
 
 def plot_novelty(summaries: list[dict]) -> bytes | None:
@@ -123,13 +129,8 @@ def plot_novelty(summaries: list[dict]) -> bytes | None:
         if stages:
             ax.plot([x["stage"] for x in stages], [x["perplexity"] for x in stages], "o-", label=s["name"])
             drawn = True
-    if not drawn:
-        return None
-    ax.set_ylabel("held-out state perplexity")
-    ax.set_title("novelty of validation states under each stage's model (lower: more familiar)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _finish(fig, ax, "novelty of validation states under each stage's model (lower: more familiar)",
+                   ylabel="held-out state perplexity") if drawn else None
 
 
 def plot_imagination(summaries: list[dict]) -> bytes | None:
@@ -143,15 +144,8 @@ def plot_imagination(summaries: list[dict]) -> bytes | None:
             ax.plot(steps, [x["cells"] for x in imag["steps"]], "o-", label=f"{s['name']}: imagined, cells")
             ax.plot(steps, [x["copy_cells"] for x in imag["steps"]], ":", label=f"{s['name']}: nothing changes")
             drawn = True
-    if not drawn:
-        return None
-    ax.set_xlabel("turn (from 2 on, the agent sees only its own predictions)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("cell accuracy")
-    ax.set_title("open-loop world model", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _finish(fig, ax, "open-loop world model", xlabel="turn (from 2 on, the agent sees only its own predictions)",
+                   ylabel="cell accuracy", integer_x=True) if drawn else None
 
 
 def figures(summaries: list[dict]) -> list[tuple[str, bytes]]:
