@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from spa_rl.cli import main
@@ -71,3 +74,13 @@ def test_demo_with_the_embedded_model(capsys):
     assert main(["demo", "--puzzles", "2", "--model-puzzles", "1"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m on sokoban" in out and "prediction_exact" in out
+
+
+def test_output_closed_by_reader_is_not_an_error():
+    """`spa ... | head -1`: the reader closes the pipe before spa writes; spa exits 0 with no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "spa_rl.cli", "train", "--env", "frozenlake", "--out", "x",
+                             "--print-config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # closed long before the child has imported torch and has anything to write
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr

@@ -134,6 +134,12 @@ def test_compare_overlays_runs_and_averages_seeds(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "v1"), str(tmp_path / "v2"), "--out", str(out)]) == 0
     page = out.read_text()
     assert "2 seed(s): v1, v2" in page and "±" in page and "data:image/png;base64," in page
+    # a `spa train` directory (here the RL stage of v1) compares too: its last validation is its final result
+    assert main(["compare", str(tmp_path / "v1"), str(tmp_path / "v1" / "rl"), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "spa train (gae, " in page and "1 seed(s): rl" in page
+    last = [r for r in read_jsonl(tmp_path / "v1" / "rl" / "metrics.jsonl") if "val/pass@1" in r][-1]
+    assert f"{last['val/pass@1']:.3f}" in page.split("1 seed(s): rl")[1].split("</tr>")[0]
     assert main(["compare", str(tmp_path), "--out", str(out)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
 

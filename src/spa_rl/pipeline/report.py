@@ -39,13 +39,20 @@ def _json(path: Path) -> Any:
 
 
 def run_summary(root: Path) -> dict:
-    """What the stages of run `root` wrote, as one dict (missing stages are None)."""
+    """What the stages of run `root` wrote, as one dict (missing stages are None). `root` may also be a
+    `spa train` directory: its metrics are then the RL stage's, and its last validation stands for the final
+    evaluation."""
     config = _json(root / "config.json") or {}
-    rl_rows = read_jsonl(root / "rl" / "metrics.jsonl") if (root / "rl" / "metrics.jsonl").is_file() else []
-    return {"root": str(root), "name": root.name, "config": config.get("config", {}),
-            "eval": _json(root / "eval" / "metrics.json"), "imagine": _json(root / "imagine" / "imagine.json"),
+    rl = root if config.get("stage") == "train" else root / "rl"
+    rl_rows = read_jsonl(rl / "metrics.jsonl") if (rl / "metrics.jsonl").is_file() else []
+    final = _json(root / "eval" / "metrics.json")
+    if config.get("stage") == "train":
+        vals = [r for r in rl_rows if "val/pass@1" in r]
+        final = {k.removeprefix("val/"): v for k, v in vals[-1].items() if k.startswith("val/")} if vals else None
+    return {"root": str(root), "name": root.name, "stage": config.get("stage"), "config": config.get("config", {}),
+            "eval": final, "imagine": _json(root / "imagine" / "imagine.json"),
             "novelty": _json(root / "novelty.json"), "rl_rows": rl_rows,
-            "rl_result": _json(root / "rl" / "result.json"), "sft_result": _json(root / "sft" / "result.json"),
+            "rl_result": _json(rl / "result.json"), "sft_result": _json(root / "sft" / "result.json"),
             "times": _json(root / "times.json") or {}}
 
 
@@ -246,7 +253,7 @@ class CompareConfig(Config):
     """`spa compare`: one report over several runs."""
 
     runs: list[str] = setting(positional=True)
-    """Run directories made by `spa run`."""
+    """Run directories made by `spa run` or `spa train`."""
     out: str = setting("compare.html", metavar="FILE")
     """The report to write."""
 
@@ -264,8 +271,9 @@ def compare_runs(config: CompareConfig) -> Path:
     summaries = []
     for path in config.runs:
         root = Path(path)
-        if not (root / "config.json").is_file() or (_json(root / "config.json") or {}).get("stage") != "run":
-            raise SpaError(f"{root} is not a run directory made by `spa run`")
+        if not (root / "config.json").is_file() or (_json(root / "config.json") or {}).get("stage") not in (
+                "run", "train"):
+            raise SpaError(f"{root} is not a run directory made by `spa run` or `spa train`")
         summaries.append(run_summary(root))
     groups: dict[str, list[dict]] = {}
     for s in summaries:
@@ -274,8 +282,9 @@ def compare_runs(config: CompareConfig) -> Path:
     body = ""
     for members in groups.values():
         cfg = members[0]["config"]
-        label = f"{cfg.get('recipe')} ({cfg.get('preset')}), {len(members)} seed(s): " + ", ".join(
-            m["name"] for m in members)
+        arm = (f"{cfg.get('recipe')} ({cfg.get('preset')})" if members[0]["stage"] == "run" else
+               f"spa train ({cfg.get('advantage')}, {cfg.get('rollout', {}).get('env')})")
+        label = f"{arm}, {len(members)} seed(s): " + ", ".join(m["name"] for m in members)
         cells = ""
         for key in RESULT_KEYS[:4] + ("prediction_exact",):
             values = [m["eval"][key] for m in members if m["eval"] and key in m["eval"]]
@@ -287,7 +296,8 @@ def compare_runs(config: CompareConfig) -> Path:
                 cells += f"<td class=\"num\">{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}</td>"
         body += f"<tr><td>{html.escape(label)}</td>{cells}</tr>"
     sections = [
-        f"<section><h2>Final evaluation (mean ± standard deviation over seeds)</h2><table><tr><th>run</th>{header}"
+        f"<section><h2>Final evaluation (mean ± standard deviation over seeds; for `spa train` runs, the last "
+        f"validation)</h2><table><tr><th>run</th>{header}"
         f"</tr>{body}</table></section>",
         f"<section><h2>Plots</h2><div class=\"figs\">{_figures_html(figures(summaries))}</div></section>",
     ]
