@@ -11,7 +11,8 @@ subprocess). Two baselines from the same run: whole episodes through the rollout
 `benchmarks/rollout.py` calls "whole episodes", same model, same prompts, same token budget), and the matrix
 multiply peak of this CPU in the training precision, against which the update's model FLOPs are counted
 (6 x parameters per trained token for each of actor and critic, plus 2 x parameters per token for each
-no-grad scoring pass inside the update's step, which this count leaves out). This script must never be
+no-grad scoring pass inside the update's step, which this count leaves out). It also prints the sampler/trainer
+log-prob mismatch (mean |log p| difference per sampled token). This script must never be
 imported by the package or the tests.
 """
 
@@ -119,7 +120,8 @@ def main() -> None:
             share = flops / max(r["time/update"], 1e-9) / peak
             print(f"  step {r['step']}: generate {r['time/generate']:6.1f} s ({r['perf/generated_tokens_per_s']:.1f} "
                   f"tok/s, {tokens:.0f} tokens) | score {r['time/score']:5.1f} s | update {r['time/update']:6.1f} s "
-                  f"({trained:.0f} trained tokens, {share:.1%} of the peak by 6N x {models} models)")
+                  f"({trained:.0f} trained tokens, {share:.1%} of the peak by 6N x {models} models) | log-prob "
+                  f"mismatch {r['rollout/logprob_mismatch']:.2e}")
         print(f"  baseline, the engine alone on the same episodes: {base['tokens_per_s']:.1f} tok/s "
               f"(peak RSS {base['peak_rss_gib']:.2f} GiB)")
 
