@@ -4,6 +4,7 @@ refusals, the report and `spa compare`, `spa imagine`."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -20,6 +21,18 @@ def _config(recipe: str, out, **extra) -> RunConfig:
     """The smoke run of `recipe` into `out`, with `extra` settings by name (`seed=2`, `stages=[...]`)."""
     return make_run_config({("recipe",): recipe, ("preset",): "smoke", ("out",): str(out),
                             ("tensorboard",): False, **{(k,): v for k, v in extra.items()}})
+
+
+def test_cpu_preset_warns_on_a_cpu_without_native_bf16(monkeypatch):
+    import spa_rl.pipeline.run as run
+
+    cpu = make_run_config({("recipe",): "spa", ("preset",): "cpu", ("out",): "x", ("device",): "cpu"})
+    monkeypatch.setattr(run, "native_bf16", lambda device: False)
+    assert "no native bf16" in run.speed_note(cpu)
+    assert run.speed_note(replace(cpu, model=replace(cpu.model, dtype="fp32"))) is None  # the user chose fp32
+    assert run.speed_note(_config("spa", "x")) is None  # the smoke preset takes seconds anywhere
+    monkeypatch.setattr(run, "native_bf16", lambda device: True)
+    assert run.speed_note(cpu) is None
 
 
 def test_the_recipes_that_ship_are_the_papers_arms():

@@ -33,12 +33,13 @@ from spa_rl.errors import SpaError
 from spa_rl.evaluation import EvalConfig, evaluate
 from spa_rl.imagine import ImagineConfig, imagine
 from spa_rl.io import atomic_write_json, read_json
-from spa_rl.models import DEFAULT_MODEL, ModelConfig, load_model
+from spa_rl.models import DEFAULT_MODEL, ModelConfig, load_model, pick_device
 from spa_rl.novelty import heldout_novelty
 from spa_rl.progress import say
 from spa_rl.rl.trainer import RLConfig, train_rl
 from spa_rl.rollout import RolloutConfig
 from spa_rl.sft import SFTConfig, train_sft
+from spa_rl.training.precision import native_bf16
 
 STAGE = "run"
 STAGES = ("collect", "sft", "rl", "eval")
@@ -221,6 +222,8 @@ def run_pipeline(config: RunConfig, quiet: bool = False) -> Path:
     if out.finished:
         say(f"{root} already holds this finished run: its report is {root / 'report.html'}", quiet)
         return root / "report.html"
+    if note := speed_note(config):
+        say(note, quiet)
     plan = (["warm-start"] if config.warm_start else []) + list(config.stages)
     if config.rollout.format == "world-model":
         plan.append("imagine")
@@ -263,6 +266,15 @@ def run_pipeline(config: RunConfig, quiet: bool = False) -> Path:
     report = write_report(root)
     say(f"report: {report}", quiet)
     return report
+
+
+def speed_note(config: RunConfig) -> str | None:
+    """A warning when the cpu preset (sized for 30 minutes on 2 cores with native bf16) meets a CPU without it."""
+    device = pick_device(config.model.device)
+    if config.preset == "cpu" and device == "cpu" and config.model.dtype == "auto" and not native_bf16(device):
+        return ("note: this CPU has no native bf16 (AVX-512 BF16 or AMX), so the model runs in fp32, about 5x slower "
+                "than where the cpu preset was sized: expect hours, not 30 minutes (docs/benchmarks.md)")
+    return None
 
 
 def _stage_models(config: RunConfig, root: Path) -> list[tuple[str, str]]:
