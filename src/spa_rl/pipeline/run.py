@@ -272,7 +272,7 @@ def speed_note(config: RunConfig) -> str | None:
     """A warning when the cpu preset (sized for 30 minutes on 2 cores with native bf16) meets a CPU without it."""
     device = pick_device(config.model.device)
     if config.preset == "cpu" and device == "cpu" and config.model.dtype == "auto" and not native_bf16(device):
-        return ("note: this CPU has no native bf16 (AVX-512 BF16 or AMX), so the model runs in fp32, about 5x slower "
+        return ("note: this CPU has no native bf16 (AVX-512 BF16 or AMX), so the model runs in fp32, 3-5x slower "
                 "than where the cpu preset was sized: expect hours, not 30 minutes (docs/benchmarks.md)")
     return None
 
