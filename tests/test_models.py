@@ -7,7 +7,7 @@ import torch
 from conftest import build_tiny_model
 
 from spa_rl.errors import SpaError
-from spa_rl.models import load_model, next_token_logits
+from spa_rl.models import checkpoint_layers, load_model, next_token_logits
 from spa_rl.training.precision import resolve_precision
 
 
@@ -109,3 +109,22 @@ def test_next_token_logits_keep_the_logit_scaling_of_families_that_apply_one(tok
         want = torch.cat([model(input_ids=ids[:1]).logits[0, :-1], model(input_ids=ids[1:, :4]).logits[0, :-1]])
     assert got.abs().max() <= 0.5
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_layers_recomputes_in_backward_with_the_same_gradients(tokenizer):
+    """Activation checkpointing (`--gradient-checkpointing`): each layer runs again in the backward pass, in eval
+    mode too, the gradients are those of the plain model, and passes without gradients run once as before."""
+    plain, checkpointed = build_tiny_model(tokenizer, seed=3), build_tiny_model(tokenizer, seed=3)
+    assert checkpoint_layers(checkpointed) == 2 and checkpoint_layers(checkpointed) == 2  # idempotent
+    calls = []
+    checkpointed.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # (the recomputation
+    # stops early, inside the MLP, once it has what backward needs: a post-hook would not see it)
+    ids = torch.randint(0, len(tokenizer), (2, 17), generator=torch.Generator().manual_seed(0))
+    for model in (plain, checkpointed):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 2  # forward, then the recomputation in backward
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(checkpointed(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert len(calls) == 3

@@ -74,6 +74,25 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path
     assert logged == [1, 2, 3]
 
 
+def test_gradient_checkpointing_trains_actor_and_critic_to_the_same_weights(tiny_model_dir, tmp_path, monkeypatch):
+    import spa_rl.rl.trainer as trainer
+    from spa_rl.models import checkpoint_layers
+
+    wrapped = []
+    monkeypatch.setattr(trainer, "checkpoint_layers", lambda m: wrapped.append(checkpoint_layers(m)) or wrapped[-1])
+    for name, on in (("plain", False), ("checkpointed", True)):
+        train_rl(_config(tmp_path / name, tiny_model_dir, steps=2, skip_uniform_steps=False,
+                         gradient_checkpointing=on), quiet=True)
+    assert wrapped == [2, 2], "the actor's and the critic's two layers are checkpointed, only when asked"
+    for part in ("model/model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
+        a, b = load_file(tmp_path / "plain" / part), load_file(tmp_path / "checkpointed" / part)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{part}: {k}")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    moved = load_file(tmp_path / "checkpointed" / "model" / "model.safetensors")
+    assert any(not torch.equal(base[k], moved[k]) for k in base), "the actor trained"
+
+
 def test_masks_cover_exactly_the_agents_tokens_over_a_multi_turn_episode(tokenizer, tiny_model_dir):
     from test_rollout import ScriptedBackend
 

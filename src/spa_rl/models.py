@@ -253,6 +253,30 @@ def for_training(model: Any) -> Any:
     return model.train()
 
 
+def checkpoint_layers(model: Any) -> int:
+    """Activation (gradient) checkpointing on every decoder layer of `model`: a layer keeps only its input for the
+    backward pass and runs its forward again there, trading about a third more compute in the update for most
+    of its activation memory. Works in eval mode too (transformers' own switch acts only in train mode, and the
+    RL models stay in eval mode so that dropout never makes the trainer's log-probs differ from the sampler's),
+    and only where gradients are being recorded (generation is untouched). Returns the number of layers."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        if getattr(layer, "_spa_checkpointed", False):
+            continue
+
+        def forward(*args: Any, _forward: Any = layer.forward, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = forward
+        layer._spa_checkpointed = True
+    return len(layers)
+
+
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 """Model families whose logits are exactly `lm_head(decoder(...))`. Others (Gemma2's soft-capping, Cohere's
 `logit_scale`, Granite's `logits_scaling`, remote code) rescale logits in `forward`, so `next_token_logits`
