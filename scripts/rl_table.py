@@ -17,7 +17,6 @@ import statistics
 import sys
 from pathlib import Path
 
-from spa_rl.io import read_jsonl
 from spa_rl.pipeline.report import largest_pass_at_k, plot_validation, run_summary
 
 
@@ -31,7 +30,8 @@ def main(root: str = "runs/curves", png: str | None = None) -> None:
                   if json.loads(p.read_text()).get("stage") == "train" and (p.parent / "metrics.jsonl").is_file())
     if not dirs:
         sys.exit(f"no spa train run under {root}: run bash scripts/rl_curves.sh first")
-    runs = {str(d.relative_to(root)): read_jsonl(d / "metrics.jsonl") for d in dirs}
+    summaries = [run_summary(d) for d in dirs]
+    runs = {str(d.relative_to(root)): s["rl_rows"] for d, s in zip(dirs, summaries, strict=True)}
     k = largest_pass_at_k([r for rows in runs.values() for r in rows])
     cols = ("val/pass@1", k, "val/format_rate", "val/observation_exact", "val/prediction_exact",
             "val/prediction_cell_acc", "val/copy_exact_baseline")
@@ -56,7 +56,7 @@ def main(root: str = "runs/curves", png: str | None = None) -> None:
               f"{100 * _mean(train, 'rollout/distinct_responses'):.0f}% | {_mean(train, 'time/generate'):.0f} | "
               f"{_mean(train, 'time/score'):.0f} | {_mean(train, 'time/update'):.0f} |")
     if png:
-        image = plot_validation([run_summary(d) for d in dirs], ("val/pass@1", k),
+        image = plot_validation(summaries, ("val/pass@1", k),
                                 "validation Pass@1 and Pass@k against the RL step")
         if image:
             Path(png).parent.mkdir(parents=True, exist_ok=True)

@@ -255,8 +255,8 @@ def for_training(model: Any) -> Any:
 
 def checkpoint_layers(model: Any) -> int:
     """Activation (gradient) checkpointing on every decoder layer of `model`: a layer keeps only its input for the
-    backward pass and runs its forward again there, trading about a third more compute in the update for most
-    of its activation memory. Works in eval mode too (transformers' own switch acts only in train mode, and the
+    backward pass and runs its forward again there, trading update time for most of its activation memory
+    (benchmarks/checkpointing.py). Works in eval mode too (transformers' own switch acts only in train mode, and the
     RL models stay in eval mode so that dropout never makes the trainer's log-probs differ from the sampler's),
     and only where gradients are being recorded (generation is untouched). Returns the number of layers."""
     from torch.utils.checkpoint import checkpoint

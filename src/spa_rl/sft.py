@@ -88,7 +88,7 @@ class SFTConfig(Seeded):
     """Gradients are clipped to this norm."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: most of the
-    update's activation memory for about a third more update compute."""
+    update's activation memory for more update time (measured: 8.5 instead of 18.8 GiB, 1.15x the time)."""
     batch_size: int = setting(16, ge=1)
     """Global batch: turns (dataset rows) per optimizer step; with packing, whole trajectories are added until
     the batch holds at least this many turns."""

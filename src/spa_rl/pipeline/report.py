@@ -43,10 +43,11 @@ def run_summary(root: Path) -> dict:
     `spa train` directory: its metrics are then the RL stage's, and its last validation stands for the final
     evaluation."""
     config = _json(root / "config.json") or {}
-    rl = root if config.get("stage") == "train" else root / "rl"
+    train = config.get("stage") == "train"
+    rl = root if train else root / "rl"
     rl_rows = read_jsonl(rl / "metrics.jsonl") if (rl / "metrics.jsonl").is_file() else []
     final = _json(root / "eval" / "metrics.json")
-    if config.get("stage") == "train":
+    if train:
         vals = [r for r in rl_rows if "val/pass@1" in r]
         final = {k.removeprefix("val/"): v for k, v in vals[-1].items() if k.startswith("val/")} if vals else None
     return {"root": str(root), "name": root.name, "stage": config.get("stage"), "config": config.get("config", {}),
@@ -270,11 +271,10 @@ def compare_runs(config: CompareConfig) -> Path:
     out = writable_file(config.out)
     summaries = []
     for path in config.runs:
-        root = Path(path)
-        if not (root / "config.json").is_file() or (_json(root / "config.json") or {}).get("stage") not in (
-                "run", "train"):
-            raise SpaError(f"{root} is not a run directory made by `spa run` or `spa train`")
-        summaries.append(run_summary(root))
+        summary = run_summary(Path(path))
+        if summary["stage"] not in ("run", "train"):
+            raise SpaError(f"{path} is not a run directory made by `spa run` or `spa train`")
+        summaries.append(summary)
     groups: dict[str, list[dict]] = {}
     for s in summaries:
         groups.setdefault(_arm(s), []).append(s)

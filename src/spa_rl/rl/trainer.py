@@ -133,7 +133,7 @@ class RLConfig(Seeded):
     """Gradients are clipped to this norm (actor and critic separately)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: most of the
-    update's activation memory for about a third more update compute."""
+    update's activation memory for more update time (measured: 8.5 instead of 18.8 GiB, 1.15x the time)."""
     world_model_coef: float = setting(0.0, ge=0)
     """Weight of a cross-entropy term on the true observation and prediction of each episode rewritten as
     self-play data is, so PPO does not erode what SFT taught (0: off)."""
