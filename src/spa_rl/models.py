@@ -269,6 +269,13 @@ def checkpoint_layers(model: Any) -> int:
 
         def forward(*args: Any, _forward: Any = layer.forward, **kwargs: Any) -> Any:
             if torch.is_grad_enabled():
+                # A KV cache would be appended to twice (forward, then the recomputation) and the recomputed
+                # attention would see its own keys again; a pass that records gradients never reuses a cache.
+                for key in ("past_key_values", "past_key_value", "layer_past"):
+                    if key in kwargs:
+                        kwargs[key] = None
+                if "use_cache" in kwargs:
+                    kwargs["use_cache"] = False
                 return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
             return _forward(*args, **kwargs)
 
