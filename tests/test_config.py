@@ -160,3 +160,20 @@ def test_make_takes_names_as_the_command_line_does():
     assert s.lora.enabled and s.max_train_samples == 5
     with pytest.raises(SpaError, match="unknown env 'nowhere'"):
         EvalConfig.make(env="nowhere")
+
+
+def test_another_process_claiming_the_same_directory_is_not_foreign_files(tmp_path):
+    """Under `accelerate launch` every process claims the run directory at once: what one process leaves there for
+    an instant (the write probe, the temporary sibling of its atomic config.json) is not someone else's work. Any
+    other file still is. (CI caught the second process refusing the directory the first was claiming.)"""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".config.json.k2j4x1").write_text('{"half": ')
+    (run / ".spa-probe-abc").write_text("")
+    claimed = claim_output(run, "demo-stage", Outer(out=str(run)))
+    assert not claimed.resumed and json.loads((run / "config.json").read_text())["stage"] == "demo-stage"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".metrics.jsonl.k2j4x1").write_text("")
+    with pytest.raises(SpaError, match="not empty and was not made by"):
+        claim_output(other, "demo-stage", Outer(out=str(other)))

@@ -621,6 +621,13 @@ def stage_of(path: str | Path) -> str | None:
     return data.get("stage") if isinstance(data, dict) else None
 
 
+def _scratch(name: str) -> bool:
+    """A file that claiming a directory leaves for an instant: the write probe, or the temporary sibling of an atomic
+    write of `config.json`. Under `accelerate launch` every process claims the same directory at once, and another
+    process's half-written config must not read as someone else's files."""
+    return name.startswith((".spa-probe", f".{CONFIG_FILE}."))
+
+
 def claim_output(path: str | Path, stage: str, config: Any, done: str | None = None,
                  command: str | None = None, path_key: str = "out") -> Output:
     """Make `path` the output directory of `stage` run with `config`, or refuse in one line.
@@ -648,7 +655,7 @@ def claim_output(path: str | Path, stage: str, config: Any, done: str | None = N
             raise SpaError(f"{path} holds the output of `spa {other}`, not `{command}`: pass another output directory")
         # the directory's own path may be spelled differently (relative, a trailing slash): not a setting
         changes = diff(stored.get("config", {}), record["config"], volatile_paths(type(config)) | {path_key})
-        started = any(p.name != CONFIG_FILE and not p.name.startswith(".spa-probe") for p in path.iterdir())
+        started = any(p.name != CONFIG_FILE and not _scratch(p.name) for p in path.iterdir())
         if changes and not started:  # a run that failed before doing any work: nothing to resume, nothing lost
             atomic_write_json(file, record)
             return Output(path, False, False)
@@ -658,7 +665,7 @@ def claim_output(path: str | Path, stage: str, config: Any, done: str | None = N
         writable_dir(path)
         atomic_write_json(file, record)  # volatile settings (logging sinks) may have changed
         return Output(path, True, done is not None and (path / done).exists())
-    if path.is_dir() and any(not p.name.startswith(".spa-probe") for p in path.iterdir()):
+    if path.is_dir() and any(not _scratch(p.name) for p in path.iterdir()):
         raise SpaError(f"{path} is not empty and was not made by `{command}`: pass a new or empty output directory")
     writable_dir(path)
     atomic_write_json(file, record)
