@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from spa_rl.errors import SpaError
-from spa_rl.io import atomic_write_json, read_json, writable_dir
+from spa_rl.io import PROBE_PREFIX, atomic_write_json, partial_write_prefix, read_json, writable_dir
 
 CONFIG_FILE = "config.json"
 """The file in every stage's output directory: which stage made it and its fully resolved settings."""
@@ -625,7 +625,7 @@ def _scratch(name: str) -> bool:
     """A file that claiming a directory leaves for an instant: the write probe, or the temporary sibling of an atomic
     write of `config.json`. Under `accelerate launch` every process claims the same directory at once, and another
     process's half-written config must not read as someone else's files."""
-    return name.startswith((".spa-probe", f".{CONFIG_FILE}."))
+    return name.startswith((PROBE_PREFIX, partial_write_prefix(CONFIG_FILE)))
 
 
 def claim_output(path: str | Path, stage: str, config: Any, done: str | None = None,

@@ -36,10 +36,18 @@ def _make_public(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+PROBE_PREFIX = ".spa-probe-"  # writable_dir's test file, gone as soon as it is made
+
+
+def partial_write_prefix(name: str) -> str:
+    """The name prefix of the temporary sibling `atomic_write_text` writes before renaming it to `name`."""
+    return f".{name}."
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=partial_write_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -186,7 +194,7 @@ def writable_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".spa-probe-"):
+        with tempfile.NamedTemporaryFile(dir=path, prefix=PROBE_PREFIX):
             pass
     except OSError as e:
         raise SpaError(f"cannot write to {path}: {e.strerror or e}; pass another output location") from None
