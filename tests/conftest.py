@@ -25,6 +25,24 @@ def tokenizer():
     return load_tokenizer(str(embedded_model_path()))
 
 
+def two_process_launch(*args: str) -> list[str]:
+    """The command that runs `args` in two CPU processes with `accelerate launch` (torchrun and gloo: accelerate's
+    `--cpu` launcher starts several processes only through MPI), on a free port rather than the default 29500,
+    so that a run still closing its port, or anything else on it, cannot fail the rendezvous."""
+    import shutil
+    import socket
+    import sys
+    from pathlib import Path
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate's launcher is installed with the package"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port",
+            str(port), "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+
+
 def build_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
     """A tiny randomly initialised Llama-style model over the real tokenizer's vocabulary (fp32)."""
     import torch

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import two_process_launch
 from safetensors.torch import load_file
 
 from spa_rl.cli import main
@@ -196,20 +197,14 @@ def test_two_processes_with_accelerate_launch_stay_identical(tiny_model_dir, tmp
     (accelerate's `--cpu` launcher starts several processes only through MPI; `--multi_gpu` starts them with
     torchrun, and `--device cpu` keeps them on the CPU with the gloo backend.)"""
     import os
-    import shutil
     import subprocess
-    import sys
-    from pathlib import Path
 
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    assert accelerate, "accelerate's launcher is installed with the package"
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "spa_rl.cli", "train", "--env", "frozenlake-det",
+    cmd = two_process_launch("-m", "spa_rl.cli", "train", "--env", "frozenlake-det",
            "--init", str(tiny_model_dir), "--out", str(tmp_path / "run"), "--steps", "2", "--puzzles-per-step", "4",
            "--samples-per-puzzle", "2", "--keep-ratio", "1", "--minibatch-size", "4", "--micro-batch-size", "1",
            "--max-new-tokens", "6", "--eval-puzzles", "2", "--eval-samples", "2", "--eval-every", "0",
            "--no-eval-before", "--dtype", "fp32", "--device", "cpu", "--no-tensorboard", "--actor-lr", "1e-3",
-           "--critic-lr", "1e-3", "--no-skip-uniform-steps"]  # a tiny random model scores alike: update anyway
+           "--critic-lr", "1e-3", "--no-skip-uniform-steps")  # a tiny random model scores alike: update anyway
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
@@ -230,15 +225,11 @@ def test_optimizer_state_sharded_over_two_processes_makes_the_same_updates_and_r
     an unsharded run's, and a run interrupted after a checkpoint resumes to the same weights as one run
     straight through (the checkpoint gathers the shards; each process reloads its own)."""
     import os
-    import shutil
     import subprocess
-    import sys
     from pathlib import Path
 
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     script = Path(__file__).with_name("distributed_resume.py")
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", str(script), str(tiny_model_dir), str(tmp_path)]
+    cmd = two_process_launch(str(script), str(tiny_model_dir), str(tmp_path))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     for run, share in (("whole", 1.0), ("straight", None), ("resumed", None)):
