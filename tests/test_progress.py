@@ -45,3 +45,35 @@ def test_fractional_progress_that_sums_to_the_total_shows_the_total():
         bar.advance(task, 1 / 7)
     assert bar.tasks[0].completed != 48
     assert CountColumn().render(bar.tasks[0]).plain == "48/48"
+
+
+def test_a_non_interactive_run_logs_a_plain_line_a_minute_and_an_interactive_or_quiet_one_does_not(monkeypatch):
+    """Under nohup or a batch system rich draws nothing until the bar stops; the bar then prints one line a
+    minute (never per unit, never for a transient bar, never on a terminal, where the animated bar shows it)."""
+    import io
+
+    from rich.console import Console
+
+    from spa_rl import progress
+
+    def lines(transient: bool = False, **console_args) -> list[str]:
+        out = io.StringIO()
+        monkeypatch.setattr(progress, "_console", Console(file=out, width=200, **console_args))
+        clock = [0.0]
+        bar = progress_bar(transient=transient)
+        bar.get_time = lambda: clock[0]
+        task = bar.add_task("PPO", total=30, unit="steps")
+        for _ in range(3):  # three steps of 154 s: a line after each
+            clock[0] += 154
+            bar.advance(task)
+        for _ in range(20):  # twenty fast steps within 40 s: no line
+            clock[0] += 2
+            bar.advance(task)
+        return out.getvalue().splitlines()
+
+    logged = lines()
+    assert logged == ["PPO 1/30 steps, 154.0 s/step, elapsed 0:02:34, ETA 1:14:26",
+                      "PPO 2/30 steps, 154.0 s/step, elapsed 0:05:08, ETA 1:11:52",
+                      "PPO 3/30 steps, 154.0 s/step, elapsed 0:07:42, ETA 1:09:18"]
+    assert lines(transient=True) == []
+    assert lines(force_terminal=True, force_interactive=True) == []

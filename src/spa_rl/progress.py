@@ -3,7 +3,9 @@
 The rate is the work done since the bar started divided by the time since then (not a windowed estimate,
 which reads absurd numbers off a bar that jumps), and the ETA is what is left at that rate. Work that resumes
 passes `completed=` when adding the task; that part is not counted in the rate. Output goes to stderr so
-that stdout stays machine-readable; in non-interactive runs (CI, pipes) rich prints no animation. This
+that stdout stays machine-readable. In non-interactive runs (a log file under nohup or a cluster's batch
+system, CI, pipes) rich draws nothing until the bar stops, so a two-hour run would log nothing for two hours;
+there the bar prints one plain line (done/total, rate, elapsed, ETA) at most once a minute instead. This
 module must never hold any logic of the work it displays.
 """
 
@@ -42,6 +44,11 @@ class RateColumn(ProgressColumn):
         return Text(f"{rate:,.1f} {unit}/s", style="progress.data.speed")
 
 
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 class EtaColumn(ProgressColumn):
     """`ETA 0:03:12`: the work left at the true rate."""
 
@@ -51,8 +58,7 @@ class EtaColumn(ProgressColumn):
             return Text("ETA 0:00:00", style="progress.remaining")
         if not rate or task.total is None:
             return Text("ETA -:--:--", style="progress.remaining")
-        seconds = int(max(task.total - task.completed, 0) / rate)
-        return Text(f"ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.remaining")
+        return Text(f"ETA {_hms(max(task.total - task.completed, 0) / rate)}", style="progress.remaining")
 
 
 class CountColumn(ProgressColumn):
@@ -64,9 +70,45 @@ class CountColumn(ProgressColumn):
         return Text(f"{int(task.completed + 1e-6)}/{total}", style="progress.download")
 
 
+LOG_INTERVAL = 60.0
+"""Seconds between the plain progress lines of a non-interactive run."""
+
+
+def progress_line(task: Task) -> str:
+    """`PPO 3/30 steps, 154.2 s/step, elapsed 0:07:42, ETA 1:09:23`: the bar as one line of plain text."""
+    return (f"{task.description} {CountColumn().render(task).plain} {task.fields.get('unit', 'it')}, "
+            f"{RateColumn().render(task).plain}, elapsed {_hms(task.elapsed or 0)}, {EtaColumn().render(task).plain}")
+
+
 class _Progress(Progress):
+    def __init__(self, *columns: ProgressColumn, transient: bool = False, **kwargs) -> None:
+        super().__init__(*columns, transient=transient, **kwargs)
+        self._log_lines = not transient and not self.console.is_interactive
+        self._last_line: dict[int, float] = {}
+
     def add_task(self, description: str, *args, completed: float = 0, **fields) -> int:  # type: ignore[override]
-        return super().add_task(description, *args, completed=completed, initial=completed, **fields)
+        task = super().add_task(description, *args, completed=completed, initial=completed, **fields)
+        self._last_line[task] = self.get_time()
+        return task
+
+    def update(self, task_id: int, **kwargs) -> None:  # type: ignore[override]
+        super().update(task_id, **kwargs)
+        self._maybe_log(task_id)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._maybe_log(task_id)
+
+    def _maybe_log(self, task_id: int) -> None:
+        """In a non-interactive run, one plain line for `task_id` if a minute has passed since its last."""
+        if not self._log_lines:
+            return
+        now = self.get_time()
+        if now - self._last_line.get(task_id, now) >= LOG_INTERVAL:
+            self._last_line[task_id] = now
+            with self._lock:
+                task = self._tasks[task_id]
+            self.console.print(progress_line(task), markup=False, highlight=False, soft_wrap=True)
 
 
 def say(message: str, quiet: bool = False) -> None:
