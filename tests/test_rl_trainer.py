@@ -264,3 +264,14 @@ def test_the_extras_and_options_run_and_are_logged(tiny_model_dir, tmp_path):
     result = train_rl(_config(tmp_path / "b", tiny_model_dir, steps=1, lora=True, loss_tokens="after-system",
                               advantage="grpo", eval_before=False, skip_uniform_steps=False), quiet=True)
     assert result["steps"] == 1 and (tmp_path / "b" / "model" / "adapter_config.json").is_file()
+
+
+def test_the_critics_clip_fraction_is_a_fraction_when_the_actor_sits_out(tiny_model_dir, tmp_path):
+    """A tiny random model fails every episode alike, so the actor sits the step out and only the critic trains;
+    its clip fraction is still weighted by the minibatch's tokens (under seq-mean-token-sum the row weights sum to
+    the rows, not to 1), and a tight value clip over two epochs makes it clip."""
+    train_rl(_config(tmp_path / "run", tiny_model_dir, steps=1, ppo_epochs=2, value_clip=1e-6,
+                     loss_agg="seq-mean-token-sum", eval_before=False), quiet=True)
+    (row,) = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "losses/value_loss" in r]
+    assert row["rollout/actor_updated"] == 0
+    assert 0 < row["losses/value_clipfrac"] <= 1

@@ -40,8 +40,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum, sum of squares, count) of `x` over the masked entries: what `masked_whiten` needs, and what several
-    processes add up to whiten over all their entries."""
+    """(sum, sum of squares, count) of `x` over the masked entries, in float64 (the variance is taken as
+    E[x^2] - mean^2, which loses the spread of values far from 0 in float32): what `masked_whiten` needs, and
+    what several processes add up to whiten over all their entries."""
+    x, mask = x.double(), mask.double()
     return (x * mask).sum(), (x * x * mask).sum(), mask.sum()
 
 
@@ -50,13 +52,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, moments: tuple[torch.Tens
     """`x` shifted to mean 0 and scaled to variance 1 over the masked entries (unbiased variance), 0 elsewhere;
     `moments`: `masked_moments` summed over more data than `x` (other processes'). Fewer than two entries: only
     shifted."""
-    total, squares, n = moments if moments is not None else masked_moments(x, mask)
+    total, squares, n = (m.double() for m in (moments if moments is not None else masked_moments(x, mask)))
     mean = total / n.clamp(min=1)
-    centered = (x - mean) * mask
+    centered = (x.double() - mean) * mask
     if n < 2:
-        return centered
+        return centered.to(x.dtype)
     var = (squares - n * mean * mean).clamp(min=0) / (n - 1)
-    return centered * torch.rsqrt(var + eps)
+    return (centered * torch.rsqrt(var + eps)).to(x.dtype)
 
 
 def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
@@ -230,7 +232,10 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs [B, T]: `k1` is
     logp - ref_logp (unbiased, can be negative); `k3` is exp(ref_logp - logp) - (ref_logp - logp) - 1
-    (unbiased, never negative, lower variance; Schulman's estimator)."""
+    (unbiased, never negative, lower variance; Schulman's estimator). Their values estimate the KL; used as a
+    loss term (as here and in veRL's KL loss), their gradients do not: k1's expected gradient on the sampling
+    policy is 0 (E[grad log p] = 0), and k3's is that of KL(reference || policy), which does pull the policy
+    back towards the reference."""
     diff = logprobs - ref_logprobs
     if kind == "k1":
         return diff

@@ -118,8 +118,10 @@ class RLConfig(Seeded):
     """Weight of the entropy bonus."""
     kl_coef: float = setting(0.0, ge=0)
     """Weight of the KL penalty to the reference model (0: off, and no reference is loaded)."""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """KL estimator: k1 (logp - ref_logp) or k3 (always >= 0, lower variance)."""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    """KL estimator in the loss: k3 (always >= 0, lower variance; its gradient pulls towards the reference) or
+    k1 (logp - ref_logp: an unbiased value, but as a loss its expected gradient is 0 on-policy, so it holds the
+    policy back only as far as later PPO epochs drift off-policy)."""
     reference: str = "init"
     """The KL penalty's reference model: init (the starting checkpoint), none, or a model path."""
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
@@ -459,7 +461,8 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
                                                                 config.lam, config.turn_gamma)
         if config.whiten_advantages:
             moments = _all_reduce([float(x) for x in core.masked_moments(batch.advantages, mask)], device, world)
-            batch.advantages = core.masked_whiten(batch.advantages, mask, tuple(torch.tensor(m) for m in moments))
+            batch.advantages = core.masked_whiten(batch.advantages, mask,
+                                               tuple(torch.tensor(m, dtype=torch.float64) for m in moments))
     # 6. PPO epochs over minibatches, actor and critic (the actor sits out a step whose kept groups all scored
     # uniformly: a cold model that never follows the format, or one that always wins; --skip-uniform-steps)
     train_actor = float(stds[chosen].max()) > 0 or not config.skip_uniform_steps
@@ -537,7 +540,7 @@ def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Traina
         for start in range(0, len(kept), per_process):
             minibatch = order[start:start + per_process]
             weights = token_weights(batch.mask, minibatch, config.loss_agg, device, world)
-            stats = {"weight": 1.0}
+            stats = {"weight": float(weights[minibatch].sum())}  # the critic's stats' weight if the actor sits out
             if actor is not None:
                 stats = _actor_minibatch(batch, kept, minibatch, weights, config, actor, reference, device, world)
             if critic is not None:
