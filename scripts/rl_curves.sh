@@ -15,7 +15,13 @@ SPA=".venv/bin/spa"
 ENV=${1:?usage: bash scripts/rl_curves.sh ENV ARM...}
 shift
 SFT=runs/curves/$ENV-sft
-"$SPA" run spa --env "$ENV" --stages collect,sft --out "$SFT"
+# A finished SFT checkpoint is reused as it is: the run directory also records the RL settings' defaults, and a
+# later change of one of them (the KL estimator's) must not make the arms start from different checkpoints.
+if [[ -f $SFT/sft/result.json ]]; then
+  echo "reusing the SFT checkpoint $SFT/sft/model"
+else
+  "$SPA" run spa --env "$ENV" --stages collect,sft --out "$SFT"
+fi
 for arm in "$@"; do
   case $arm in
     grpo) extra=(--advantage grpo) ;;
