@@ -127,6 +127,8 @@ def test_masks_cover_exactly_the_agents_tokens_over_a_multi_turn_episode(tokeniz
     (dict(kl_coef=0.1, reference="none"), "kl_coef > 0 needs a reference model"),
     (dict(format="plain", prediction_reward=1.0), "need --format world-model"),
     (dict(dtype="fp16"), "fp16 cannot be trained"),
+    (dict(advantage="grpo", critic_warmup=1), "critic_warmup needs a critic"),
+    (dict(steps=3, critic_warmup=3), "leaves the actor no step"),
 ])
 def test_settings_that_cannot_work_together_are_refused(tmp_path, settings, message):
     with pytest.raises(SpaError, match=message):
@@ -275,3 +277,14 @@ def test_the_critics_clip_fraction_is_a_fraction_when_the_actor_sits_out(tiny_mo
     (row,) = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "losses/value_loss" in r]
     assert row["rollout/actor_updated"] == 0
     assert 0 < row["losses/value_clipfrac"] <= 1
+
+
+def test_the_actor_sits_out_the_critics_warm_up(tiny_model_dir, tmp_path):
+    """--critic-warmup 1: in step 1 only the critic learns, though without the warm-up the actor would update in
+    every step here (--no-skip-uniform-steps); in step 2 both do."""
+    train_rl(_config(tmp_path / "run", tiny_model_dir, steps=2, critic_warmup=1, skip_uniform_steps=False,
+                     eval_before=False), quiet=True)
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "losses/value_loss" in r]
+    assert [r["rollout/actor_updated"] for r in rows] == [0, 1]
+    assert rows[0]["losses/grad_norm"] == 0 and rows[1]["losses/grad_norm"] > 0
+    assert all(r["losses/value_loss"] > 0 and r["losses/critic_grad_norm"] > 0 for r in rows)

@@ -94,6 +94,10 @@ class RLConfig(Seeded):
     """Skip the actor's update in a step where no kept group's rewards vary (every sample of every puzzle scored
     the same): there is nothing to compare, and whitened GAE advantages would be the critic's noise scaled up
     (--no-skip-uniform-steps: update anyway, as the reference code does). The critic learns either way."""
+    critic_warmup: int = setting(0, ge=0)
+    """Steps at the start in which only the critic learns: the actor's first advantages then come from a critic
+    that has already regressed on returns, not from a value head that starts at zero (veRL's critic_warmup;
+    0: off)."""
     actor_lr: float = setting(1e-6, gt=0)
     """Actor learning rate (constant)."""
     critic_lr: float = setting(1e-5, gt=0)
@@ -183,6 +187,11 @@ class RLConfig(Seeded):
                            "to rank groups by (set --keep-ratio 1)")
         if self.kl_coef > 0 and self.reference == "none":
             raise SpaError("kl_coef > 0 needs a reference model: set --reference init (or a path), or --kl-coef 0")
+        if self.critic_warmup and not self.uses_critic:
+            raise SpaError("critic_warmup needs a critic: set --advantage gae or bi-level-gae, or --critic-warmup 0")
+        if self.critic_warmup >= self.steps:
+            raise SpaError(f"critic_warmup ({self.critic_warmup}) leaves the actor no step of the {self.steps}: "
+                           f"lower --critic-warmup or raise --steps")
         check_dtype(self.model.dtype, training=True)
         if self.rollout.format != "world-model" and (self.prediction_reward > 0 or self.world_model_coef > 0):
             raise SpaError("prediction_reward and world_model_coef need --format world-model (plain responses have "
@@ -463,9 +472,9 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
             moments = _all_reduce([float(x) for x in core.masked_moments(batch.advantages, mask)], device, world)
             batch.advantages = core.masked_whiten(batch.advantages, mask,
                                                tuple(torch.tensor(m, dtype=torch.float64) for m in moments))
-    # 6. PPO epochs over minibatches, actor and critic (the actor sits out a step whose kept groups all scored
-    # uniformly: a cold model that never follows the format, or one that always wins; --skip-uniform-steps)
-    train_actor = float(stds[chosen].max()) > 0 or not config.skip_uniform_steps
+    # 6. PPO epochs over minibatches, actor and critic (the actor sits out the critic's warm-up, and a step whose
+    # kept groups all scored uniformly: a cold model that never follows the format, or one that always wins)
+    train_actor = step >= config.critic_warmup and (float(stds[chosen].max()) > 0 or not config.skip_uniform_steps)
     t0 = time.perf_counter()
     stats = update(batch, kept, config, actor if train_actor else None, critic, reference, device, step, world)
     t_update = time.perf_counter() - t0
