@@ -7,7 +7,9 @@ draw their validation Pass@1 / Pass@k curves overlaid in one PNG.
 Tables: validation at each evaluated step (Pass@1, Pass@k at the largest k, format, world-model accuracy), then
 per run the training side: reward and success over the first and last five steps, the sampler/trainer log-prob
 mismatch (mean |log p_sampler - log p_trainer| per sampled token), entropy, distinct responses per group, and
-seconds per step. Used to write docs/results.md; it only reads files (the PNG uses the report's plot).
+seconds per step; then the world model during training: the rollouts' observation and prediction accuracy, the
+world-model loss (--world-model-coef) and the curiosity bonus (--curiosity-coef) over the first and last five
+steps. Used to write docs/results.md; it only reads files (the PNG uses the report's plot).
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ def main(root: str = "runs/curves", png: str | None = None) -> None:
               f"{_mean(first, 'losses/entropy'):.3f} | {_mean(last, 'losses/entropy'):.3f} | "
               f"{100 * _mean(train, 'rollout/distinct_responses'):.0f}% | {_mean(train, 'time/generate'):.0f} | "
               f"{_mean(train, 'time/score'):.0f} | {_mean(train, 'time/update'):.0f} |")
+    print()
+    print("| run | observation exact, 1-5 | last 5 | prediction exact, 1-5 | last 5 | world-model NLL, 1-5 | last 5 |"
+          " novelty bonus, 1-5 | last 5 |")
+    print("|---" + "|---:" * 8 + "|")
+    for name, rows in runs.items():
+        train = [r for r in rows if "rollout/reward_mean" in r]
+        first, last = train[:5], train[-5:]
+        cells = []
+        for key, scale in (("rollout/observation_exact", 100), ("rollout/prediction_exact", 100),
+                           ("losses/world_model", 1), ("rollout/novelty_bonus", 1)):
+            for part in (first, last):
+                value = _mean(part, key)
+                cells.append("–" if value != value else f"{scale * value:.{1 if scale == 100 else 3}f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     if png:
         image = plot_validation(summaries, ("val/pass@1", k),
                                 "validation Pass@1 and Pass@k against the RL step")
