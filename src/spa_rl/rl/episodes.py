@@ -75,8 +75,12 @@ def prediction_scores(episode: Episode, kind: str = "exact") -> list[float]:
 
 def world_model_targets(tokenizer: Any, episode: Episode, fmt: str, render: str) -> tuple[list[int], list[int]] | None:
     """(ids, mask) of the episode rewritten with the true states, as self-play data is (`collect.episode_samples`),
-    with the mask on the tokens inside `<observation>` and `<prediction>` only."""
-    rows, _ = episode_samples(episode, fmt, render, filter_malformed=False, meta={})
+    with the mask on the tokens inside `<observation>` and `<prediction>` only; None if its first turn is malformed.
+
+    Malformed turns are dropped as `spa collect` drops them (the sequence ends before the first): their reasoning
+    may hold stray tags, which would put the mask on the model's own text, and an unparsed answer would teach
+    that the state does not change whatever the reasoning says."""
+    rows, _ = episode_samples(episode, fmt, render, filter_malformed=True, meta={})
     if not rows:
         return None
     ((messages, targets),) = pack_trajectories(rows)
