@@ -288,3 +288,28 @@ def test_the_actor_sits_out_the_critics_warm_up(tiny_model_dir, tmp_path):
     assert [r["rollout/actor_updated"] for r in rows] == [0, 1]
     assert rows[0]["losses/grad_norm"] == 0 and rows[1]["losses/grad_norm"] > 0
     assert all(r["losses/value_loss"] > 0 and r["losses/critic_grad_norm"] > 0 for r in rows)
+
+
+def test_the_world_model_term_holds_the_true_states_of_well_formed_turns_only(tokenizer):
+    """The world-model sequence is the episode rewritten with the true states; a malformed turn (here cut off inside
+    its prediction, a stray tag in its reasoning) ends it, as in `spa collect`, so the mask never covers the model's
+    own text; an episode malformed from its first turn has no sequence."""
+    from test_rollout import ScriptedBackend
+
+    from spa_rl.rl.episodes import world_model_targets
+    from spa_rl.rollout import RolloutConfig, RolloutEngine
+
+    good = "<think> <observation> x </observation> go <prediction> y </prediction> </think> <answer> Right </answer>"
+    broken = "<think> <observation> x </observation> I go down <prediction>\n_P"
+    config = RolloutConfig(env="frozenlake-det", max_turns=3, render="grid+coords")
+    engine = RolloutEngine(config, ScriptedBackend(tokenizer, [good, broken], truncate=[1]), tokenizer)
+    (episode,) = engine.run([3])
+    assert len(episode.turns) >= 2 and episode.turns[0].parsed.format_ok and not episode.turns[1].parsed.format_ok
+    ids, mask = world_model_targets(tokenizer, episode, "world-model", "grid+coords")
+    first = episode.turns[0]
+    covered = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert "".join(covered.split()) == "".join((first.state_before + first.state_after).split())
+    assert "I go down" not in tokenizer.decode(ids) and "go" in tokenizer.decode(ids)
+    engine = RolloutEngine(config, ScriptedBackend(tokenizer, [broken], truncate=[0]), tokenizer)
+    (episode,) = engine.run([3])
+    assert world_model_targets(tokenizer, episode, "world-model", "grid+coords") is None
