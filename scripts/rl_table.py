@@ -8,8 +8,10 @@ Tables: validation at each evaluated step (Pass@1, Pass@k at the largest k, form
 per run the training side: reward and success over the first and last five steps, the sampler/trainer log-prob
 mismatch (mean |log p_sampler - log p_trainer| per sampled token), entropy, distinct responses per group, and
 seconds per step; then the world model during training: the rollouts' observation and prediction accuracy, the
-world-model loss (--world-model-coef) and the curiosity bonus (--curiosity-coef) over the first and last five
-steps. Used to write docs/results.md; it only reads files (the PNG uses the report's plot).
+world-model loss (--world-model-coef) and the novelty N(s') of the states the moves reached (--curiosity-coef)
+over the first and last five steps. Rewards are the game's, without bonuses (`rollout/game_reward_mean`; runs
+logged before it existed had no bonuses, so their `rollout/reward_mean` is the same thing).
+Used to write docs/results.md; it only reads files (the PNG uses the report's plot).
 """
 
 from __future__ import annotations
@@ -51,22 +53,24 @@ def main(root: str = "runs/curves", png: str | None = None) -> None:
     for name, rows in runs.items():
         train = [r for r in rows if "rollout/reward_mean" in r]
         first, last = train[:5], train[-5:]
-        print(f"| {name} | {len(train)} | {_mean(first, 'rollout/reward_mean'):.3f} | "
-              f"{_mean(last, 'rollout/reward_mean'):.3f} | {100 * _mean(first, 'rollout/success'):.1f} | "
+        reward = "rollout/game_reward_mean" if any("rollout/game_reward_mean" in r for r in train) else \
+            "rollout/reward_mean"
+        print(f"| {name} | {len(train)} | {_mean(first, reward):.3f} | "
+              f"{_mean(last, reward):.3f} | {100 * _mean(first, 'rollout/success'):.1f} | "
               f"{100 * _mean(last, 'rollout/success'):.1f} | {_mean(train, 'rollout/logprob_mismatch'):.4f} | "
               f"{_mean(first, 'losses/entropy'):.3f} | {_mean(last, 'losses/entropy'):.3f} | "
               f"{100 * _mean(train, 'rollout/distinct_responses'):.0f}% | {_mean(train, 'time/generate'):.0f} | "
               f"{_mean(train, 'time/score'):.0f} | {_mean(train, 'time/update'):.0f} |")
     print()
     print("| run | observation exact, 1-5 | last 5 | prediction exact, 1-5 | last 5 | world-model NLL, 1-5 | last 5 |"
-          " novelty bonus, 1-5 | last 5 |")
+          " N(s') of the moves, 1-5 | last 5 |")
     print("|---" + "|---:" * 8 + "|")
     for name, rows in runs.items():
         train = [r for r in rows if "rollout/reward_mean" in r]
         first, last = train[:5], train[-5:]
         cells = []
         for key, scale in (("rollout/observation_exact", 100), ("rollout/prediction_exact", 100),
-                           ("losses/world_model", 1), ("rollout/novelty_bonus", 1)):
+                           ("losses/world_model", 1), ("rollout/novelty", 1)):
             for part in (first, last):
                 value = _mean(part, key)
                 cells.append("–" if value != value else f"{scale * value:.{1 if scale == 100 else 3}f}")

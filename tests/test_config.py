@@ -177,3 +177,18 @@ def test_another_process_claiming_the_same_directory_is_not_foreign_files(tmp_pa
     (other / ".metrics.jsonl.k2j4x1").write_text("")
     with pytest.raises(SpaError, match="not empty and was not made by"):
         claim_output(other, "demo-stage", Outer(out=str(other)))
+
+
+def test_a_run_from_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """A newer spa-rl adds a setting (defaulting to the old behaviour): a run made before it resumes when the
+    setting is at its default, and is refused when it is not."""
+    config = Outer(out=str(tmp_path / "run"))
+    claim_output(config.out, "demo-stage", config)
+    (tmp_path / "run" / "work.txt").write_text("half done")
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    del stored["config"]["steps"], stored["config"]["inner"]["mode"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
+    assert claim_output(config.out, "demo-stage", config).resumed
+    (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(SpaError, match="steps: null -> 11"):
+        claim_output(config.out, "demo-stage", Outer(out=config.out, steps=11))

@@ -3,6 +3,7 @@ and the settings it refuses before any rollout."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -254,15 +255,29 @@ def test_optimizer_state_sharded_over_two_processes_makes_the_same_updates_and_r
     assert steps == [1, 2, 3]
 
 
-def test_the_extras_and_options_run_and_are_logged(tiny_model_dir, tmp_path):
+def test_the_extras_and_options_run_and_are_logged(tiny_model_dir, tmp_path, tokenizer, monkeypatch):
     """World-model loss, prediction reward, curiosity, a KL penalty to the reference, LoRA, per-turn rewards,
-    after-system loss tokens: a step each way, their terms in the log."""
+    after-system loss tokens: a step each way, their terms in the log. The first run plays well-formed scripted
+    responses (a random model breaks the format, and malformed turns have no world-model term)."""
+    from test_rollout import ScriptedBackend
+
+    import spa_rl.rl.trainer as trainer
+
+    class Scripted(ScriptedBackend):
+        def reset(self):
+            pass
+
+    good = "<think> <observation> x </observation> go <prediction> y </prediction> </think> <answer> {} </answer>"
+    texts = [good.format(a) for a in ("Right", "Down", "Left", "Down", "Up")]
+    monkeypatch.setattr(trainer, "make_backend", lambda *a, **k: Scripted(tokenizer, texts))
     train_rl(_config(tmp_path / "a", tiny_model_dir, steps=1, world_model_coef=0.5, prediction_reward=1.0,
                      prediction_match="cell", curiosity_coef=0.1, kl_coef=0.05, kl_estimator="k3",
                      reward_placement="per-turn", eval_before=False, skip_uniform_steps=False), quiet=True)
     (row,) = [r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "losses/policy_loss" in r]
     assert row["losses/world_model"] > 0 and "losses/kl" in row
-    assert "rollout/prediction_bonus" in row and row["rollout/novelty_bonus"] > 0, "N(s') of a random model is high"
+    assert "rollout/prediction_bonus" in row and "rollout/novelty_bonus" in row and "rollout/game_reward_mean" in row
+    assert row["rollout/moved_turns"] > 0 and row["rollout/novelty"] > 0
+    monkeypatch.undo()
     result = train_rl(_config(tmp_path / "b", tiny_model_dir, steps=1, lora=True, loss_tokens="after-system",
                               advantage="grpo", eval_before=False, skip_uniform_steps=False), quiet=True)
     assert result["steps"] == 1 and (tmp_path / "b" / "model" / "adapter_config.json").is_file()
@@ -313,3 +328,37 @@ def test_the_world_model_term_holds_the_true_states_of_well_formed_turns_only(to
     engine = RolloutEngine(config, ScriptedBackend(tokenizer, [broken], truncate=[0]), tokenizer)
     (episode,) = engine.run([3])
     assert world_model_targets(tokenizer, episode, "world-model", "grid+coords") is None
+
+
+def test_the_curiosity_bonus_pays_moves_to_unfamiliar_states_and_not_length(tokenizer, tiny_model_dir):
+    """beta * N(s') on the turns that moved, 0 on a turn that left the state as it was; centred, the bonuses of the
+    moved turns sum to 0 (no pay for playing longer); uncentred, they are the novelty scorer's N(s')."""
+    from test_rollout import ScriptedBackend
+
+    from spa_rl.models import load_model
+    from spa_rl.novelty import state_novelty
+    from spa_rl.rl.trainer import per_turn_bonuses
+    from spa_rl.rollout import RolloutEngine
+
+    good = "<think> <observation> x </observation> go <prediction> y </prediction> </think> <answer> {} </answer>"
+    texts = [good.format("Right"), "no format", good.format("Down"), good.format("Left")]
+    config = _config("unused", tiny_model_dir, curiosity_coef=0.5, max_turns=4)
+    engine = RolloutEngine(config.rollout, ScriptedBackend(tokenizer, texts), tokenizer)
+    episodes = engine.run([0, 1, 2], group_size=2)
+    moved = [t.state_after != t.state_before for e in episodes for t in e.turns]
+    assert any(moved) and not all(moved), "the scripted play has turns that move and turns that do not"
+    lm = load_model(str(tiny_model_dir), "cpu", "fp32").model
+    bonuses, stats = per_turn_bonuses(episodes, config, lm, tokenizer, "cpu", 1)
+    centred = [v for b in bonuses for v in b["novelty"][1]]
+    assert all(b["novelty"][0] == 0.5 for b in bonuses)
+    assert all(v == 0 for v, m in zip(centred, moved, strict=True) if not m)
+    assert sum(centred) == pytest.approx(0, abs=1e-6) and any(abs(v) > 1e-4 for v in centred)
+    assert stats["rollout/moved_turns"] == pytest.approx(sum(moved) / len(moved))
+    raw, _ = per_turn_bonuses(episodes, dataclasses.replace(config, curiosity_center=False), lm, tokenizer, "cpu", 1)
+    reached = [t.state_after for e in episodes for t in e.turns]
+    expected = dict(zip(reached, state_novelty(lm, tokenizer, config.rollout, reached), strict=True))
+    got = [v for b in raw for v in b["novelty"][1]]
+    for v, m, s in zip(got, moved, reached, strict=True):
+        assert v == (pytest.approx(expected[s], rel=1e-4) if m else 0)
+    assert stats["rollout/novelty"] == pytest.approx(sum(v for v, m in zip(got, moved, strict=True) if m) / sum(moved))
+

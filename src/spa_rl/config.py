@@ -403,11 +403,27 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def diff(old: dict, new: dict, ignore: set[str] = frozenset()) -> list[str]:
-    """`key: old -> new` for every setting that differs between two `to_dict` results (`ignore`: paths)."""
-    a, b = _flatten(old), _flatten(new)
+def diff(old: dict, new: dict, ignore: set[str] = frozenset(), defaults: dict[str, Any] | None = None) -> list[str]:
+    """`key: old -> new` for every setting that differs between two `to_dict` results (`ignore`: paths).
+    `defaults` (dotted key -> default, as `defaults_of` gives): a setting missing from `old` and at its default in
+    `new` is no change, since `old` was made by a version without the setting, which behaved as its default does
+    (new settings default to the old behaviour)."""
+    a, b, defaults = _flatten(old), _flatten(new), defaults or {}
     keys = sorted(k for k in set(a) | set(b) if not any(k == i or k.startswith(i + ".") for i in ignore))
-    return [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in keys if a.get(k) != b.get(k)]
+    return [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in keys
+            if a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])]
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    """Dotted key -> default (as plain JSON data) of every leaf setting of `cls` that has one."""
+    out = {}
+    for lf in leaves(cls):
+        if lf.default is not MISSING:
+            try:
+                out[lf.key] = json.loads(json.dumps(lf.default))
+            except TypeError:  # not plain data: never taken as a default
+                continue
+    return out
 
 
 def volatile_paths(cls: type) -> set[str]:
@@ -654,7 +670,8 @@ def claim_output(path: str | Path, stage: str, config: Any, done: str | None = N
         if other != stage:
             raise SpaError(f"{path} holds the output of `spa {other}`, not `{command}`: pass another output directory")
         # the directory's own path may be spelled differently (relative, a trailing slash): not a setting
-        changes = diff(stored.get("config", {}), record["config"], volatile_paths(type(config)) | {path_key})
+        changes = diff(stored.get("config", {}), record["config"], volatile_paths(type(config)) | {path_key},
+                       defaults_of(type(config)))
         started = any(p.name != CONFIG_FILE and not _scratch(p.name) for p in path.iterdir())
         if changes and not started:  # a run that failed before doing any work: nothing to resume, nothing lost
             atomic_write_json(file, record)

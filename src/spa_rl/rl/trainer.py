@@ -152,7 +152,11 @@ class RLConfig(Seeded):
     """How the prediction bonus scores: exact match (1/0) or the share of grid cells right."""
     curiosity_coef: float = setting(0.0, ge=0)
     """Per-turn intrinsic reward beta * N(s'): the novelty of the state the turn reached under the current
-    model (docs/method.md §8) (0: off)."""
+    model (docs/method.md §8); a turn that left the state as it was earns none (0: off)."""
+    curiosity_center: bool = True
+    """Subtract the step's mean N(s') over the turns that moved (all processes): the bonus then pays for reaching
+    states less familiar than usual, not for playing more turns, as an always-positive N(s') would
+    (--no-curiosity-center: the raw N(s'))."""
     eval_every: int = setting(10, ge=0)
     """Play the validation puzzles every N steps, and after the last (0: only after the last)."""
     eval_puzzles: int = setting(32, ge=1)
@@ -433,7 +437,7 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
     t0 = time.perf_counter()
     group_of = {seed: g for g, seed in enumerate(seeds)}
     groups = [group_of[e.seed] for e in episodes]
-    bonuses = per_turn_bonuses(episodes, config, policy.lm, tokenizer)
+    bonuses, bonus_stats = per_turn_bonuses(episodes, config, policy.lm, tokenizer, device, world)
     trajectories = [build_trajectory(e, tokenizer, g, placement=config.reward_placement, loss_tokens=config.loss_tokens,
                                      bonuses=b, world_model=config.world_model_coef > 0, fmt=rc.format,
                                      render=rc.render)
@@ -486,12 +490,15 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
              diversity["distinct_actions"], diversity["distinct_responses"],
              float(core.masked_sum((batch.rollout_logprobs - batch.old_logprobs).abs(), batch.sampled)),
              float(batch.sampled.sum()), float(sum(batch.lengths) * config.ppo_epochs),
-             wm["observation_exact"] * n_turns, wm["prediction_exact"] * n_turns]
+             wm["observation_exact"] * n_turns, wm["prediction_exact"] * n_turns,
+             sum(e.total_reward for e in episodes)]
     (successes, n_episodes, tokens, turns, distinct_actions, distinct_responses, mismatch, sampled, trained,
-     observation_exact, prediction_exact) = _all_reduce(local, device, world)
+     observation_exact, prediction_exact, game_reward) = _all_reduce(local, device, world)
     metrics = {
         **stats,
+        **bonus_stats,
         "rollout/reward_mean": float(torch.tensor([t.score for t in everything]).mean()),
+        "rollout/game_reward_mean": game_reward / max(n_episodes, 1),
         "rollout/success": successes / max(n_episodes, 1),
         "rollout/kept_group_std": float(stds[chosen].mean()),
         "rollout/actor_updated": float(train_actor),
@@ -519,19 +526,30 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
     return metrics
 
 
-def per_turn_bonuses(episodes: list[Episode], config: RLConfig, lm: Any,
-                     tokenizer: Any) -> list[dict[str, tuple[float, list[float]]]]:
-    """For each episode, its bonuses by name: (coefficient, value per turn)."""
+def per_turn_bonuses(episodes: list[Episode], config: RLConfig, lm: Any, tokenizer: Any, device: Any,
+                     world: int) -> tuple[list[dict[str, tuple[float, list[float]]]], dict[str, float]]:
+    """For each episode, its bonuses by name: (coefficient, value per turn); and the step's statistics of them
+    (over all processes; `rollout/novelty`: the mean N(s') of the turns that moved, before centering)."""
     out: list[dict[str, tuple[float, list[float]]]] = [{} for _ in episodes]
+    stats: dict[str, float] = {}
     if config.prediction_reward > 0:
         for d, e in zip(out, episodes, strict=True):
             d["prediction"] = (config.prediction_reward, prediction_scores(e, config.prediction_match))
     if config.curiosity_coef > 0:
-        states = sorted({t.state_after for e in episodes for t in e.turns})
+        moved = [[t.state_after != t.state_before for t in e.turns] for e in episodes]
+        states = sorted({t.state_after for e, m in zip(episodes, moved, strict=True)
+                         for t, ok in zip(e.turns, m, strict=True) if ok})
         novelty = dict(zip(states, state_novelty(lm, tokenizer, config.rollout, states), strict=True))
-        for d, e in zip(out, episodes, strict=True):
-            d["novelty"] = (config.curiosity_coef, [novelty[t.state_after] for t in e.turns])
-    return out
+        raw = [[novelty[t.state_after] if ok else None for t, ok in zip(e.turns, m, strict=True)]
+               for e, m in zip(episodes, moved, strict=True)]
+        values = [v for r in raw for v in r if v is not None]
+        total, count, turns = _all_reduce([sum(values), float(len(values)), float(sum(map(len, raw)))], device, world)
+        mean = total / count if count else 0.0
+        shift = mean if config.curiosity_center else 0.0
+        for d, r in zip(out, raw, strict=True):
+            d["novelty"] = (config.curiosity_coef, [0.0 if v is None else v - shift for v in r])
+        stats = {"rollout/novelty": mean, "rollout/moved_turns": count / max(turns, 1)}
+    return out, stats
 
 
 def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Trainable | None,
