@@ -50,8 +50,8 @@ def main(root: str = "runs/curves", png: str | None = None) -> None:
     print("| run | steps | reward, steps 1-5 | reward, last 5 | success, 1-5 | success, last 5 | log-prob mismatch |"
           " entropy, 1-5 | entropy, last 5 | distinct responses | s/step generate | score | update |")
     print("|---" + "|---:" * 12 + "|")
-    for name, rows in runs.items():
-        train = [r for r in rows if "rollout/reward_mean" in r]
+    training = {name: [r for r in rows if "rollout/reward_mean" in r] for name, rows in runs.items()}
+    for name, train in training.items():
         first, last = train[:5], train[-5:]
         reward = "rollout/game_reward_mean" if any("rollout/game_reward_mean" in r for r in train) else \
             "rollout/reward_mean"
@@ -65,8 +65,7 @@ def main(root: str = "runs/curves", png: str | None = None) -> None:
     print("| run | observation exact, 1-5 | last 5 | prediction exact, 1-5 | last 5 | world-model NLL, 1-5 | last 5 |"
           " N(s') of the moves, 1-5 | last 5 |")
     print("|---" + "|---:" * 8 + "|")
-    for name, rows in runs.items():
-        train = [r for r in rows if "rollout/reward_mean" in r]
+    for name, train in training.items():
         first, last = train[:5], train[-5:]
         cells = []
         for key, scale in (("rollout/observation_exact", 100), ("rollout/prediction_exact", 100),

@@ -536,12 +536,10 @@ def per_turn_bonuses(episodes: list[Episode], config: RLConfig, lm: Any, tokeniz
         for d, e in zip(out, episodes, strict=True):
             d["prediction"] = (config.prediction_reward, prediction_scores(e, config.prediction_match))
     if config.curiosity_coef > 0:
-        moved = [[t.state_after != t.state_before for t in e.turns] for e in episodes]
-        states = sorted({t.state_after for e, m in zip(episodes, moved, strict=True)
-                         for t, ok in zip(e.turns, m, strict=True) if ok})
+        states = sorted({t.state_after for e in episodes for t in e.turns if t.state_after != t.state_before})
         novelty = dict(zip(states, state_novelty(lm, tokenizer, config.rollout, states), strict=True))
-        raw = [[novelty[t.state_after] if ok else None for t, ok in zip(e.turns, m, strict=True)]
-               for e, m in zip(episodes, moved, strict=True)]
+        raw = [[novelty[t.state_after] if t.state_after != t.state_before else None for t in e.turns]
+               for e in episodes]
         values = [v for r in raw for v in r if v is not None]
         total, count, turns = _all_reduce([sum(values), float(len(values)), float(sum(map(len, raw)))], device, world)
         mean = total / count if count else 0.0
