@@ -46,6 +46,13 @@ def test_two_steps_log_save_and_plot(tiny_model_dir, tmp_path, advantage):
     assert any("val/pass@1" in r for r in rows if r["step"] == 0), "the starting checkpoint is evaluated"
     assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "model" / "config.json").is_file()
     assert (tmp_path / "run" / "critic").is_dir() == (advantage != "grpo")
+    if advantage != "grpo":  # the head starts at zero and has learned something by step 2
+        assert steps[0]["critic/value_mean"] == steps[0]["critic/value_std"] == 0
+        assert steps[1]["critic/value_mean"] != 0
+        if advantage == "gae":  # γ = λ = 1, reward on the final token, every episode alike: each return is the reward
+            assert steps[1]["critic/return_mean"] == pytest.approx(steps[1]["rollout/reward_mean"], abs=1e-6)
+    else:
+        assert "critic/value_mean" not in steps[0]
     assert main(["eval", "--env", "frozenlake-det", "--model", str(tmp_path / "run" / "model"), "--puzzles", "1",
                  "--samples", "1", "--max-new-tokens", "4", "--dtype", "fp32"]) == 0
 

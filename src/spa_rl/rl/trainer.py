@@ -523,6 +523,11 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
         explained = float(core.explained_variance(batch.values, batch.returns, mask))
         if math.isfinite(explained):  # undefined when every return is the same
             metrics["losses/explained_variance"] = explained
+        for name, x in (("value", batch.values), ("return", batch.returns)):  # what the critic is fitting, and how far
+            total, squares, n = core.masked_moments(x, mask)
+            mean = total / n.clamp(min=1)
+            metrics[f"critic/{name}_mean"] = float(mean)
+            metrics[f"critic/{name}_std"] = float((squares / n.clamp(min=1) - mean * mean).clamp(min=0).sqrt())
     return metrics
 
 
