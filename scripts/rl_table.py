@@ -10,7 +10,8 @@ mismatch (mean |log p_sampler - log p_trainer| per sampled token), entropy, dist
 seconds per step; then the world model during training: the rollouts' observation and prediction accuracy, the
 world-model loss (--world-model-coef) and the novelty N(s') of the states the moves reached (--curiosity-coef)
 over the first and last five steps. Rewards are the game's, without bonuses (`rollout/game_reward_mean`; runs
-logged before it existed had no bonuses, so their `rollout/reward_mean` is the same thing).
+logged before it existed had no bonuses, so their `rollout/reward_mean` is the same thing; a run resumed across
+the change has both kinds of rows).
 Used to write docs/results.md; it only reads files (the PNG uses the report's plot).
 """
 
@@ -50,11 +51,11 @@ def main(root: str = "runs/curves", png: str | None = None) -> None:
     print("| run | steps | reward, steps 1-5 | reward, last 5 | success, 1-5 | success, last 5 | log-prob mismatch |"
           " entropy, 1-5 | entropy, last 5 | distinct responses | s/step generate | score | update |")
     print("|---" + "|---:" * 12 + "|")
-    training = {name: [r for r in rows if "rollout/reward_mean" in r] for name, rows in runs.items()}
+    training = {name: [{"game_reward": r.get("rollout/game_reward_mean", r["rollout/reward_mean"]), **r}
+                       for r in rows if "rollout/reward_mean" in r] for name, rows in runs.items()}
     for name, train in training.items():
         first, last = train[:5], train[-5:]
-        reward = "rollout/game_reward_mean" if any("rollout/game_reward_mean" in r for r in train) else \
-            "rollout/reward_mean"
+        reward = "game_reward"
         print(f"| {name} | {len(train)} | {_mean(first, reward):.3f} | "
               f"{_mean(last, reward):.3f} | {100 * _mean(first, 'rollout/success'):.1f} | "
               f"{100 * _mean(last, 'rollout/success'):.1f} | {_mean(train, 'rollout/logprob_mismatch'):.4f} | "

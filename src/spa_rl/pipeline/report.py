@@ -113,16 +113,21 @@ def _finish(fig: Figure, ax: Any, title: str, xlabel: str = "", ylabel: str = ""
 
 
 def plot_validation(summaries: list[dict], keys: tuple[str, ...], title: str) -> bytes | None:
-    """Validation metrics against the RL step, one line per run and key."""
+    """Metrics against the RL step, one line per run and key. With several runs, a run is a colour and a key a line
+    style, and earlier runs are drawn wider underneath, so that runs with equal values still show."""
     fig = Figure(figsize=(6.4, 3.8))
     ax = fig.subplots()
     drawn = False
-    for s in summaries:
-        for key in keys:
+    styles = ("o-", "s--", "^:", "d-.")
+    for i, s in enumerate(summaries):
+        width = 1.3 if len(summaries) == 1 else 1.0 + 2.0 * (len(summaries) - 1 - i) / (len(summaries) - 1)
+        for j, key in enumerate(keys):
             points = [(r["step"], r[key]) for r in s["rl_rows"] if isinstance(r.get(key), int | float)]
             if points:
-                label = key.removeprefix("val/") if len(summaries) == 1 else f"{s['name']}: {key.removeprefix('val/')}"
-                ax.plot(*zip(*points, strict=True), "o-", ms=3, lw=1.3, label=label)
+                name = key.removeprefix("val/")
+                label, colour = (name, None) if len(summaries) == 1 else (f"{s['name']}: {name}", f"C{i % 10}")
+                ax.plot(*zip(*points, strict=True), styles[j % len(styles)], color=colour, ms=2 + width, lw=width,
+                        label=label)
                 drawn = True
     return _finish(fig, ax, title, xlabel="RL step", integer_x=True) if drawn else None
 
