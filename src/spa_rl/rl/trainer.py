@@ -551,7 +551,7 @@ def per_turn_bonuses(episodes: list[Episode], config: RLConfig, lm: Any, tokeniz
         shift = mean if config.curiosity_center else 0.0
         for d, r in zip(out, raw, strict=True):
             d["novelty"] = (config.curiosity_coef, [0.0 if v is None else v - shift for v in r])
-        stats = {"rollout/novelty": mean, "rollout/moved_turns": count / max(turns, 1)}
+        stats = {"rollout/moved_turns": count / max(turns, 1), **({"rollout/novelty": mean} if count else {})}
     return out, stats
 
 
