@@ -55,9 +55,8 @@ def main(root: str = "runs/curves", png: str | None = None) -> None:
                        for r in rows if "rollout/reward_mean" in r] for name, rows in runs.items()}
     for name, train in training.items():
         first, last = train[:5], train[-5:]
-        reward = "game_reward"
-        print(f"| {name} | {len(train)} | {_mean(first, reward):.3f} | "
-              f"{_mean(last, reward):.3f} | {100 * _mean(first, 'rollout/success'):.1f} | "
+        print(f"| {name} | {len(train)} | {_mean(first, 'game_reward'):.3f} | "
+              f"{_mean(last, 'game_reward'):.3f} | {100 * _mean(first, 'rollout/success'):.1f} | "
               f"{100 * _mean(last, 'rollout/success'):.1f} | {_mean(train, 'rollout/logprob_mismatch'):.4f} | "
               f"{_mean(first, 'losses/entropy'):.3f} | {_mean(last, 'losses/entropy'):.3f} | "
               f"{100 * _mean(train, 'rollout/distinct_responses'):.0f}% | {_mean(train, 'time/generate'):.0f} | "

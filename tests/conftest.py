@@ -43,6 +43,18 @@ def two_process_launch(*args: str) -> list[str]:
             str(port), "--mixed_precision", "no", "--dynamo_backend", "no", *args]
 
 
+def launch_errors(stderr: str) -> str:
+    """What each process of a failed `accelerate launch` said last (the `[rankN]:` lines, 1,500 characters a
+    process), so that the process that failed first is not cut off by the others' tracebacks."""
+    by_rank: dict[str, list[str]] = {}
+    for line in stderr.splitlines():
+        if line.startswith("[rank") and "]:" in line:
+            by_rank.setdefault(line[1:line.index("]")], []).append(line)
+    if not by_rank:
+        return stderr[-4000:]
+    return "\n".join(f"--- {rank}:\n" + "\n".join(lines)[-1500:] for rank, lines in sorted(by_rank.items()))
+
+
 def build_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
     """A tiny randomly initialised Llama-style model over the real tokenizer's vocabulary (fp32)."""
     import torch

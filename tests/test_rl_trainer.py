@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import two_process_launch
+from conftest import launch_errors, two_process_launch
 from safetensors.torch import load_file
 
 from spa_rl.cli import main
@@ -217,7 +217,7 @@ def test_two_processes_with_accelerate_launch_stay_identical(tiny_model_dir, tmp
            "--critic-lr", "1e-3", "--no-skip-uniform-steps")  # a tiny random model scores alike: update anyway
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, launch_errors(done.stderr)
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows if "losses/policy_loss" in r] == [1, 2]
     (final,) = [r for r in rows if "dist/weight_spread" in r]
@@ -241,7 +241,7 @@ def test_optimizer_state_sharded_over_two_processes_makes_the_same_updates_and_r
     script = Path(__file__).with_name("distributed_resume.py")
     cmd = two_process_launch(str(script), str(tiny_model_dir), str(tmp_path))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, launch_errors(done.stderr)
     for run, share in (("whole", 1.0), ("straight", None), ("resumed", None)):
         (final,) = [r for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "dist/weight_spread" in r]
         assert final["dist/weight_spread"] == 0.0, run
