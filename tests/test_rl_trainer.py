@@ -122,6 +122,13 @@ def test_masks_cover_exactly_the_agents_tokens_over_a_multi_turn_episode(tokeniz
     final = build_trajectory(episode, tokenizer, 0, placement="final")
     assert [i for i, r in enumerate(final.rewards) if r != 0] == [ends[-1]]
     assert final.rewards[ends[-1]] == pytest.approx(episode.total_reward)
+    bonus = {"novelty": (0.5, [1.0, -2.0, 4.0])}  # a bonus is added to its own turn's reward, wherever that sits
+    per_turn = build_trajectory(episode, tokenizer, 0, placement="per-turn", bonuses=bonus)
+    assert [per_turn.rewards[i] for i in ends] == pytest.approx([t.reward + 0.5 * v for t, v in
+                                                                 zip(episode.turns, [1.0, -2.0, 4.0], strict=True)])
+    summed = build_trajectory(episode, tokenizer, 0, placement="final", bonuses=bonus)
+    assert [i for i, r in enumerate(summed.rewards) if r != 0] == [ends[-1]]
+    assert summed.rewards[ends[-1]] == pytest.approx(episode.total_reward + 1.5) == pytest.approx(summed.score)
     after = build_trajectory(episode, tokenizer, 0, loss_tokens="after-system")
     skip = system_prefix_length(tokenizer, episode.messages, after.ids)
     assert skip > 0 and after.mask == [0] * skip + [1] * (len(after.ids) - skip)
