@@ -515,7 +515,7 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
         "perf/trained_tokens": trained,
         "perf/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
-    for name in ("prediction", "novelty"):
+    for name in ("prediction",) if config.curiosity_center else ("prediction", "novelty"):  # centred: 0 by design
         values = [v for t in everything for v in t.bonuses.get(name, [])]
         if values:
             metrics[f"rollout/{name}_bonus"] = sum(values) / len(values)
