@@ -524,10 +524,9 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
         if math.isfinite(explained):  # undefined when every return is the same
             metrics["losses/explained_variance"] = explained
         for name, x in (("value", batch.values), ("return", batch.returns)):  # what the critic is fitting, and how far
-            total, squares, n = core.masked_moments(x, mask)
-            mean = total / n.clamp(min=1)
+            mean = core.masked_mean(x, mask)
             metrics[f"critic/{name}_mean"] = float(mean)
-            metrics[f"critic/{name}_std"] = float((squares / n.clamp(min=1) - mean * mean).clamp(min=0).sqrt())
+            metrics[f"critic/{name}_std"] = float(core.masked_mean((x - mean) ** 2, mask).sqrt())
     return metrics
 
 
