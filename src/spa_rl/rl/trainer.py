@@ -17,6 +17,7 @@ or plumbing SFT shares (that is `spa_rl.training`).
 
 from __future__ import annotations
 
+import copy
 import math
 import resource
 import time
@@ -143,6 +144,11 @@ class RLConfig(Seeded):
     shard_optimizer: bool = False
     """Under `accelerate launch` with N processes, each keeps the AdamW state of 1/N of the parameters (ZeRO
     stage 1): 8 bytes a parameter become 8/N, for the same updates. The weights stay whole in every process."""
+    shard_weights: bool = False
+    """Under `accelerate launch` with N processes, shard the actor's and the critic's weights, gradients and AdamW
+    state over the processes (FSDP, ZeRO stage 3): 16 bytes a trained parameter become 16/N, plus one whole copy
+    of the actor at inference precision for generation, refreshed after every update. For models whose training
+    state does not fit one device; full fine-tunes only."""
     world_model_coef: float = setting(0.0, ge=0)
     """Weight of a cross-entropy term on the true observation and prediction of each episode rewritten as
     self-play data is, so PPO does not erode what SFT taught (0: off)."""
@@ -196,6 +202,11 @@ class RLConfig(Seeded):
         if self.critic_warmup >= self.steps:
             raise SpaError(f"critic_warmup ({self.critic_warmup}) leaves the actor no step of the {self.steps}: "
                            f"lower --critic-warmup or raise --steps")
+        if self.shard_weights and self.shard_optimizer:
+            raise SpaError("shard_weights already shards the optimizer state with the weights: drop --shard-optimizer")
+        if self.shard_weights and self.lora.enabled:
+            raise SpaError("shard_weights is for full fine-tunes: a LoRA adapter's training state is small enough to "
+                           "keep whole (drop --shard-weights or --lora)")
         check_dtype(self.model.dtype, training=True)
         if self.rollout.format != "world-model" and (self.prediction_reward > 0 or self.world_model_coef > 0):
             raise SpaError("prediction_reward and world_model_coef need --format world-model (plain responses have "
@@ -269,11 +280,21 @@ class Batch:
 
 
 @torch.no_grad()
-def score_rows(model: torch.nn.Module, batch: Batch, config: RLConfig, device: Any,
-               autocast: Any, values: bool = False) -> torch.Tensor:
-    """[N, T-1] the policy's log-probs (or the critic's values) of every kept episode on the loss tokens."""
+def score_rows(model: Trainable | torch.nn.Module, batch: Batch, config: RLConfig, device: Any,
+               values: bool = False, autocast: Any = None) -> torch.Tensor:
+    """[N, T-1] the policy's log-probs (or the critic's values) of every kept episode on the loss tokens, from a
+    model being trained (in its precision, in step with the other processes when its weights are sharded) or a
+    plain one (`autocast`: where its passes run)."""
     out = torch.zeros_like(batch.mask)
-    for idx in batch.micro(list(range(len(batch.lengths))), config):
+    micro = batch.micro(list(range(len(batch.lengths))), config)
+    trainable = model if isinstance(model, Trainable) else None
+    if trainable is not None:
+        micro, autocast, model = trainable.in_lockstep(micro), trainable.autocast, trainable.model
+    for idx in micro:
+        if idx is None:  # another process has more rows: keep in step with it
+            with autocast():
+                trainable.idle_loss()
+            continue
         ids, attention, keep, width = batch.rows(idx, device)
         with autocast():
             got = model(ids, attention, keep) if values else model(ids, attention, keep)[0]
@@ -310,8 +331,14 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
     lm = load_model(str(ckpt.dir / "actor") if resume else config.model.model, dev, "fp32", merge_adapter=not resume)
     tokenizer, pad_id = lm.tokenizer, lm.tokenizer.pad_token_id
     policy = PolicyModel(apply_lora(for_training(lm.model), config.lora).eval(), config.rollout.sampling.temperature)
+    # with sharded weights, generation (and the curiosity scorer) runs on a whole copy, refreshed after each update
+    sharded = config.shard_weights and world > 1
+    rollout_lm = copy.deepcopy(policy.lm).to(precision.weights).requires_grad_(False) if sharded else policy.lm
+    if config.gradient_checkpointing:
+        checkpoint_layers(policy.lm)
     actor = Trainable(policy, precision, accelerator, lr=config.actor_lr, total_steps=config.steps,
-                      schedule="constant", max_grad_norm=config.max_grad_norm, shard=config.shard_optimizer)
+                      schedule="constant", max_grad_norm=config.max_grad_norm, shard=config.shard_optimizer,
+                      shard_weights=config.shard_weights)
     critic = None
     if config.uses_critic:
         if resume:
@@ -320,14 +347,12 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
             value_model.load_head(ckpt.dir / "critic")
         else:
             value_model = ValueModel.from_causal_lm(for_training(load_model(config.model.model, dev, "fp32").model))
+        if config.gradient_checkpointing:
+            checkpoint_layers(value_model)
         critic = Trainable(value_model.to(dev).eval(), precision, accelerator, lr=config.critic_lr,
                            total_steps=config.steps, schedule="constant", max_grad_norm=config.max_grad_norm,
-                           shard=config.shard_optimizer)
-    if config.gradient_checkpointing:
-        checkpoint_layers(policy.lm)
-        if critic is not None:
-            checkpoint_layers(critic.model)
-    engine = RolloutEngine(config.rollout, make_backend(config.rollout.backend, policy.lm, tokenizer), tokenizer)
+                           shard=config.shard_optimizer, shard_weights=config.shard_weights)
+    engine = RolloutEngine(config.rollout, make_backend(config.rollout.backend, rollout_lm, tokenizer), tokenizer)
     step = 0
     if resume:
         state = ckpt.load()
@@ -339,18 +364,26 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
     logger = RunLogger(out.path, config.log, to_dict(config), resume_step=step) if main else None
     meta = {"stage": "rl", "config": to_dict(config), "precision": precision.name, "base_model": config.model.model}
 
-    def write_models(directory: Path) -> None:
+    def write_models(directory: Path, weights: dict) -> None:
         (directory / "actor").mkdir()
-        save_model(policy.lm, tokenizer, directory / "actor", meta, _strip(actor.weights(), "lm."))
+        save_model(policy.lm, tokenizer, directory / "actor", meta, _strip(weights["actor"], "lm."))
         if critic is not None:
             (directory / "critic").mkdir()
-            critic.model.save(directory / "critic", critic.weights())
+            critic.model.save(directory / "critic", weights["critic"])
+
+    def gather_weights() -> dict:  # every process: sharded weights are gathered on the main one
+        return {"actor": actor.weights(), "critic": critic.weights() if critic else None}
 
     def checkpoint() -> None:
         states = {"actor": actor.state_dict(), **({"critic": critic.state_dict()} if critic else {})}  # collective
+        weights = gather_weights()
         if main:
-            ckpt.save(step, write_models, states)
+            ckpt.save(step, lambda directory: write_models(directory, weights), states)
         accelerator.wait_for_everyone()
+
+    def refresh_rollout_copy() -> None:
+        if sharded:
+            rollout_lm.load_state_dict(_strip(actor.full_weights(), "lm."))
 
     def log(values: dict) -> None:
         if logger is not None:
@@ -361,8 +394,9 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
             log(evaluate_policy(engine, config, bar))
         task = bar.add_task("PPO", total=config.steps, completed=step, unit="steps")
         while step < config.steps:
-            metrics = ppo_step(step, config, engine, tokenizer, pad_id, policy, actor, critic, reference,
+            metrics = ppo_step(step, config, engine, tokenizer, pad_id, rollout_lm, actor, critic, reference,
                                accelerator)
+            refresh_rollout_copy()
             step += 1
             if config.eval_every and step % config.eval_every == 0 and step < config.steps and main:
                 metrics.update(evaluate_policy(engine, config, bar))
@@ -375,19 +409,20 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 checkpoint()
         final = evaluate_policy(engine, config, bar) if main else {}
-    if world > 1:  # every process must have made the same updates
-        final["dist/weight_spread"] = weight_spread(actor.params + (critic.params if critic else []),
-                                                    accelerator.device)
+    if world > 1:  # every process must have made the same updates (sharded: gathered the same whole weights)
+        params = list(rollout_lm.parameters()) if sharded else actor.params + (critic.params if critic else [])
+        final["dist/weight_spread"] = weight_spread(params, accelerator.device)
         final["dist/optimizer_state_share"] = actor.state_share
     log(final)
     checkpoint()
+    weights = gather_weights()
     if main:
         result = {"steps": step, **{k: v for k, v in final.items() if isinstance(v, int | float)}}
         meta["result"] = result
         atomic_dir(out.path / "model", lambda d: save_model(policy.lm, tokenizer, d, meta,
-                                                            _strip(actor.weights(), "lm.")))
+                                                            _strip(weights["actor"], "lm.")))
         if critic is not None:
-            atomic_dir(out.path / "critic", lambda d: critic.model.save(d, critic.weights()))
+            atomic_dir(out.path / "critic", lambda d: critic.model.save(d, weights["critic"]))
         atomic_write_json(out.path / "result.json", result)
         ckpt.discard()
         logger.close()
@@ -419,10 +454,11 @@ def _all_reduce(values: list[float], device: Any, world: int) -> list[float]:
     return t.tolist()
 
 
-def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any, pad_id: int, policy: PolicyModel,
+def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any, pad_id: int, rollout_lm: Any,
              actor: Trainable, critic: Trainable | None, reference: PolicyModel | None,
              accelerator: Any) -> dict[str, float]:
-    """One PPO step: rollouts, rewards, the group filter, scoring, advantages, the update. Returns its metrics."""
+    """One PPO step: rollouts, rewards, the group filter, scoring, advantages, the update. Returns its metrics.
+    `rollout_lm`: the language model the engine generates with (the actor's, or its whole copy when sharded)."""
     device, rc = accelerator.device, config.rollout
     rank, world = accelerator.process_index, accelerator.num_processes
     # 1. rollouts with the current weights: this process plays its share of the step's puzzles
@@ -437,7 +473,7 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
     t0 = time.perf_counter()
     group_of = {seed: g for g, seed in enumerate(seeds)}
     groups = [group_of[e.seed] for e in episodes]
-    bonuses, bonus_stats = per_turn_bonuses(episodes, config, policy.lm, tokenizer, device, world)
+    bonuses, bonus_stats = per_turn_bonuses(episodes, config, rollout_lm, tokenizer, device, world)
     trajectories = [build_trajectory(e, tokenizer, g, placement=config.reward_placement, loss_tokens=config.loss_tokens,
                                      bonuses=b, world_model=config.world_model_coef > 0, fmt=rc.format,
                                      render=rc.render)
@@ -455,11 +491,11 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
     kept = [t for t in everything if t.group in mine]
     batch = Batch.of(kept, pad_id)
     # 4. score the kept episodes with the training forward pass (the same code the update runs)
-    batch.old_logprobs = score_rows(policy, batch, config, device, actor.autocast)
+    batch.old_logprobs = score_rows(actor, batch, config, device)
     if critic is not None:
-        batch.values = score_rows(critic.model, batch, config, device, critic.autocast, values=True)
+        batch.values = score_rows(critic, batch, config, device, values=True)
     if reference is not None:
-        batch.ref_logprobs = score_rows(reference, batch, config, device, actor.autocast)
+        batch.ref_logprobs = score_rows(reference, batch, config, device, autocast=actor.autocast)
     t_score = time.perf_counter() - t0
     # 5. advantages
     mask = batch.mask
@@ -630,7 +666,11 @@ def _actor_minibatch(batch: Batch, kept: list[Trajectory], minibatch: list[int],
     def add(name: str, value: float) -> None:
         sums[name] = sums.get(name, 0.0) + value
 
-    for idx in batch.micro(minibatch, config):
+    for idx in actor.in_lockstep(batch.micro(minibatch, config)):
+        if idx is None:  # another process has more micro-batches: keep in step with it
+            with actor.autocast():
+                actor.backward(actor.idle_loss())
+            continue
         ids, attention, keep, width = batch.rows(idx, device)
         rows = torch.tensor(idx)
         w = weights[rows, :width - 1].to(device)
@@ -668,11 +708,15 @@ def _world_model_loss(kept: list[Trajectory], minibatch: list[int], config: RLCo
     sequences = [kept[i].world_model for i in minibatch if kept[i].world_model is not None]
     local = sum(sum(mask[1:]) for _, mask in sequences)
     (total,) = _all_reduce([float(local)], device, world)
-    if not sequences or total == 0:
+    if total == 0:
         return 0.0
-    wm = Batch.of_sequences(sequences, pad_id=0)
+    wm = Batch.of_sequences(sequences, pad_id=0) if sequences else None
     nll_sum = 0.0
-    for idx in wm.micro(list(range(len(sequences))), config):
+    for idx in actor.in_lockstep(wm.micro(list(range(len(sequences))), config) if wm else []):
+        if idx is None:  # another process has more micro-batches: keep in step with it
+            with actor.autocast():
+                actor.backward(actor.idle_loss())
+            continue
         ids, attention, keep, _ = wm.rows(idx, device)
         with actor.autocast():
             logp, _ = actor.model(ids, attention, keep, temperature=1.0)
@@ -685,7 +729,11 @@ def _world_model_loss(kept: list[Trajectory], minibatch: list[int], config: RLCo
 def _critic_minibatch(batch: Batch, minibatch: list[int], weights: torch.Tensor, config: RLConfig,
                       critic: Trainable, device: Any) -> dict[str, float]:
     sums = {"losses/value_loss": 0.0, "losses/value_clipfrac": 0.0}
-    for idx in batch.micro(minibatch, config):
+    for idx in critic.in_lockstep(batch.micro(minibatch, config)):
+        if idx is None:  # another process has more micro-batches: keep in step with it
+            with critic.autocast():
+                critic.backward(critic.idle_loss())
+            continue
         ids, attention, keep, width = batch.rows(idx, device)
         rows = torch.tensor(idx)
         w = weights[rows, :width - 1].to(device)

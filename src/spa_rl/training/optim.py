@@ -10,9 +10,15 @@ processes may run different numbers of micro-batches and bf16 accumulation never
 
 Sharded optimizer state (`shard=True`, ZeRO stage 1): with N processes each keeps the AdamW moments of 1/N of
 the parameters (PyTorch's `ZeroRedundancyOptimizer`), updates those and broadcasts them, so AdamW's 8 bytes a
-parameter become 8/N. Gradients are still summed whole, and every process still holds the whole model: sharding
-the parameters themselves (FSDP, ZeRO stage 3) is not implemented, because the rollout engine generates from
-whole weights in every process.
+parameter become 8/N. Gradients are still summed whole, and every process still holds the whole model.
+
+Sharded weights (`shard_weights=True`, FSDP / ZeRO stage 3, PyTorch's FSDP2 `fully_shard` on every decoder layer
+and on the root): each process keeps 1/N of every weight, of its gradient and of its AdamW state, in fp32; a
+layer's whole weights exist only while it runs (gathered in bf16 for bf16 training, with gradients reduced in
+fp32: FSDP's mixed precision takes the place of the master copies). Every forward and backward pass is then a
+collective, so all processes must run the same number of them: `in_lockstep` pads a process's micro-batches and
+`idle_loss` is the pass a process without work runs. Checkpoints gather full state dicts
+(`torch.distributed.checkpoint.state_dict`), so they are the same files as an unsharded run's.
 
 This module must never decide what is trained on or how a loss is computed: it only applies gradients.
 """
@@ -21,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from spa_rl.training.precision import MasterWeights, Precision
+
+T = TypeVar("T")
 
 
 def adamw(params: list[torch.nn.Parameter], shard: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
@@ -60,6 +68,20 @@ def make_accelerator(device: str) -> Any:
     return Accelerator(cpu=not device.startswith("cuda"), mixed_precision="no")
 
 
+def shard_model(model: torch.nn.Module, precision: Precision) -> None:
+    """FSDP2's `fully_shard` on every decoder layer of `model` (each gathered whole only while it runs) and on
+    the root (embeddings, final norm, heads), in place. Under bf16 precision the fp32 shards are gathered in bf16
+    and the gradients reduced in fp32 (FSDP's mixed precision, the counterpart of `MasterWeights`)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+             if precision.master_weights else MixedPrecisionPolicy())
+    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        fully_shard(layer, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
+
+
 class Trainable:
     """A model being trained: AdamW over its trainable parameters (or their fp32 master copies when the
     precision is bf16), a warm-up schedule, gradient clipping, and the gradient sum over processes.
@@ -70,13 +92,16 @@ class Trainable:
     def __init__(self, model: torch.nn.Module, precision: Precision, accelerator: Any, *, lr: float,
                  total_steps: int, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  warmup_ratio: float = 0.0, schedule: str = "cosine", max_grad_norm: float = 1.0,
-                 shard: bool = False) -> None:
+                 shard: bool = False, shard_weights: bool = False) -> None:
         self.precision = precision
         self.accelerator = accelerator
         self.max_grad_norm = max_grad_norm
-        self.master = MasterWeights(model) if precision.master_weights else None  # copies fp32, then casts
+        self.fsdp = shard_weights and accelerator.num_processes > 1
+        if self.fsdp:
+            shard_model(model, precision)
+        self.master = MasterWeights(model) if precision.master_weights and not self.fsdp else None  # fp32, casts
         self.params = self.master.params if self.master else [p for p in model.parameters() if p.requires_grad]
-        self.sharded = shard and accelerator.num_processes > 1
+        self.sharded = shard and accelerator.num_processes > 1 and not self.fsdp
         optimizer = adamw(self.params, shard=self.sharded, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         warmup = int(warmup_ratio * total_steps)
         if schedule not in ("cosine", "constant"):
@@ -102,15 +127,43 @@ class Trainable:
         if self.master:
             self.master.accumulate()
 
+    @property
+    def lockstep(self) -> bool:
+        """Every forward and backward pass of the model is a collective (sharded weights)."""
+        return self.fsdp
+
+    def in_lockstep(self, micro: list[T]) -> list[T | None]:
+        """`micro` (this process's micro-batches for one pass over some rows) padded with None up to the most any
+        process has when the passes are collectives (`lockstep`), unchanged otherwise. For a None, run
+        `idle_loss()` (and backward it when training), so that every process runs the same passes."""
+        if not self.lockstep:
+            return list(micro)
+        most = torch.tensor([len(micro)], device=self.accelerator.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return [*micro, *[None] * (int(most) - len(micro))]
+
+    def idle_loss(self) -> torch.Tensor:
+        """A pass of the model on one dummy token: 0, but computed through every weight, so that its backward
+        takes part in the gradient reductions like a real micro-batch's while adding nothing. The model must
+        take `(input_ids, attention_mask, keep)` as the RL models do."""
+        ids = torch.zeros((1, 2), dtype=torch.long, device=self.accelerator.device)
+        out = self.model(ids, torch.ones_like(ids), torch.ones((1, 1), dtype=torch.bool, device=ids.device))
+        return (out[0] if isinstance(out, tuple) else out).sum() * 0.0
+
     def step(self) -> float:
         """Sum the gradients over processes, clip, update, advance the schedule; return the gradient norm before
         clipping."""
-        if self.accelerator.num_processes > 1:
+        if self.fsdp:  # each backward already reduced its share, as FSDP does, as the mean: make it the sum
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(self.accelerator.num_processes)
+        elif self.accelerator.num_processes > 1:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.optimizer.step()
         if self.master:
             self.master.write_back()
@@ -121,6 +174,8 @@ class Trainable:
     @property
     def state_share(self) -> float:
         """The share of the parameters (by elements) whose optimizer state this process holds (1 unsharded)."""
+        if self.fsdp:
+            return sum(p.to_local().numel() for p in self.params) / sum(p.numel() for p in self.params)
         if not self.sharded:
             return 1.0
         local = sum(p.numel() for group in self.optimizer.optim.param_groups for p in group["params"])
@@ -131,13 +186,41 @@ class Trainable:
         return float(self.scheduler.get_last_lr()[0])
 
     def weights(self) -> dict[str, torch.Tensor] | None:
-        """The weights to save: the fp32 master copies when there are any (None: the model's own)."""
+        """The weights to save: the fp32 master copies when there are any (None: the model's own). Every process
+        must call it: sharded weights are gathered whole on the main process (the others get an empty dict)."""
+        if self.fsdp:
+            return self._gathered(on_main_only=True)
         return self.master.state_dict(self.model) if self.master else None
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The whole weights in every process, at training precision (a collective when they are sharded): what
+        a copy of the model for generation loads."""
+        if self.fsdp:
+            return self._gathered(on_main_only=False)
+        return self.weights() or self.model.state_dict()
+
+    def _gathered(self, on_main_only: bool) -> dict[str, torch.Tensor]:
+        """The sharded weights gathered whole (on the CPU of the main process only, or in every process), tied
+        names sharing one tensor as in the model, so that a saved model ties them as an unsharded one does."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=on_main_only))
+        first: dict[int, str] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if name in state:
+                state[name] = state[first.setdefault(id(p), name)]
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's and schedule's states. Every process must call it (a sharded optimizer gathers its
         shards on the main process, where the whole state is returned; the others get theirs empty)."""
-        if self.sharded:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optimizer = get_optimizer_state_dict(self.model, self.optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        elif self.sharded:
             self.optimizer.consolidate_state_dict(to=0)
             optimizer = self.optimizer.state_dict() if self.accelerator.is_main_process else {}
         else:
@@ -146,5 +229,11 @@ class Trainable:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load what `state_dict` returned on the main process (a sharded optimizer keeps its own share)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
