@@ -328,12 +328,17 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
     # its base (a new adapter is trained on top with --lora)
     ckpt = Checkpointer(out.path / "checkpoint")
     resume = ckpt.exists()
-    lm = load_model(str(ckpt.dir / "actor") if resume else config.model.model, dev, "fp32", merge_adapter=not resume)
+    # sharded weights: the models are loaded whole on the CPU, and `fully_shard` moves each process's shards to its
+    # device, so a model too large for one device never is on one
+    sharded = config.shard_weights and world > 1
+    load_to = "cpu" if sharded else dev
+    lm = load_model(str(ckpt.dir / "actor") if resume else config.model.model, load_to, "fp32",
+                    merge_adapter=not resume)
     tokenizer, pad_id = lm.tokenizer, lm.tokenizer.pad_token_id
     policy = PolicyModel(apply_lora(for_training(lm.model), config.lora).eval(), config.rollout.sampling.temperature)
     # with sharded weights, generation (and the curiosity scorer) runs on a whole copy, refreshed after each update
-    sharded = config.shard_weights and world > 1
-    rollout_lm = copy.deepcopy(policy.lm).to(precision.weights).requires_grad_(False) if sharded else policy.lm
+    rollout_lm = (copy.deepcopy(policy.lm).to(dev, precision.weights).requires_grad_(False) if sharded
+                  else policy.lm)
     if config.gradient_checkpointing:
         checkpoint_layers(policy.lm)
     actor = Trainable(policy, precision, accelerator, lr=config.actor_lr, total_steps=config.steps,
@@ -342,14 +347,15 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
     critic = None
     if config.uses_critic:
         if resume:
-            value_model = ValueModel(for_training(load_backbone(str(ckpt.dir / "critic"), dev)),
+            value_model = ValueModel(for_training(load_backbone(str(ckpt.dir / "critic"), load_to)),
                                      lm.model.config.hidden_size)
             value_model.load_head(ckpt.dir / "critic")
         else:
-            value_model = ValueModel.from_causal_lm(for_training(load_model(config.model.model, dev, "fp32").model))
+            value_model = ValueModel.from_causal_lm(for_training(load_model(config.model.model, load_to,
+                                                                            "fp32").model))
         if config.gradient_checkpointing:
             checkpoint_layers(value_model)
-        critic = Trainable(value_model.to(dev).eval(), precision, accelerator, lr=config.critic_lr,
+        critic = Trainable(value_model.to(load_to).eval(), precision, accelerator, lr=config.critic_lr,
                            total_steps=config.steps, schedule="constant", max_grad_norm=config.max_grad_norm,
                            shard=config.shard_optimizer, shard_weights=config.shard_weights)
     engine = RolloutEngine(config.rollout, make_backend(config.rollout.backend, rollout_lm, tokenizer), tokenizer)
