@@ -66,8 +66,10 @@ def worker(variant: str, tokens: int, out: str) -> None:
     inner = actor.optimizer.optim if actor.sharded else actor.optimizer
     state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
     weights = list(policy.parameters()) + (actor.master.params if actor.master else [])
-    whole = actor.full_weights()
-    fingerprint = torch.tensor([sum(float(v.double().abs().sum()) for v in whole.values())], dtype=torch.float64)
+    if variant == "weights":  # compare the whole weights, as `spa train` gathers them for generation
+        actor.copy_into(rollout_lm, prefix="lm.")
+    whole = list(rollout_lm.parameters()) if variant == "weights" else actor.params
+    fingerprint = torch.tensor([sum(float(v.detach().double().abs().sum()) for v in whole)], dtype=torch.float64)
     everyone = [torch.zeros_like(fingerprint) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, fingerprint)
     row = {"rank": dist.get_rank(), "precision": precision.name, "state_gib": gib(state), "weights_gib": gib(weights),

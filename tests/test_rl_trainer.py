@@ -269,6 +269,11 @@ def test_sharded_over_two_processes_makes_the_same_updates_and_resumes(tiny_mode
                    for k in ("losses/grad_norm", "losses/critic_grad_norm")]
              for run in ("whole", "straight")}  # AdamW and clipping hide a gradient's scale from the weights
     assert norms["straight"] == pytest.approx(norms["whole"], rel=tolerance)
+    if mode != "weights-bf16":  # generation ran on the current weights (sharded: on the copy, refreshed each step)
+        for run in ("straight", "resumed"):
+            mismatch = [r["rollout/logprob_mismatch"] for r in read_jsonl(tmp_path / run / "metrics.jsonl")
+                        if "losses/grad_norm" in r]
+            assert max(mismatch) < 1e-5, (run, mismatch)  # measured: 2.5e-7 (a stale copy: 0.009 at step 2)
     if mode == "weights-bf16":  # the passes these extras add ran, in step, on the sharded actor and its copy
         rows = [r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "losses/grad_norm" in r]
         assert all(r["losses/world_model"] > 0 and r["rollout/novelty"] > 0 for r in rows)

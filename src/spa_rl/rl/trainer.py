@@ -387,9 +387,9 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
             ckpt.save(step, lambda directory: write_models(directory, weights), states)
         accelerator.wait_for_everyone()
 
-    def refresh_rollout_copy() -> None:
-        if sharded:
-            rollout_lm.load_state_dict(_strip(actor.full_weights(), "lm."))
+    def refresh_rollout_copy(metrics: dict) -> None:
+        if sharded and metrics.get("rollout/actor_updated", 1.0):
+            actor.copy_into(rollout_lm, prefix="lm.")
 
     def log(values: dict) -> None:
         if logger is not None:
@@ -402,7 +402,7 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
         while step < config.steps:
             metrics = ppo_step(step, config, engine, tokenizer, pad_id, rollout_lm, actor, critic, reference,
                                accelerator)
-            refresh_rollout_copy()
+            refresh_rollout_copy(metrics)
             step += 1
             if config.eval_every and step % config.eval_every == 0 and step < config.steps and main:
                 metrics.update(evaluate_policy(engine, config, bar))

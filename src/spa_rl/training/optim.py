@@ -18,7 +18,8 @@ layer's whole weights exist only while it runs (gathered in bf16 for bf16 traini
 fp32: FSDP's mixed precision takes the place of the master copies). Every forward and backward pass is then a
 collective, so all processes must run the same number of them: `in_lockstep` pads a process's micro-batches and
 `idle_loss` is the pass a process without work runs. Checkpoints gather full state dicts
-(`torch.distributed.checkpoint.state_dict`), so they are the same files as an unsharded run's.
+(`torch.distributed.checkpoint.state_dict`), so they are the same files as an unsharded run's; `copy_into` fills
+a whole copy for generation one gathered tensor at a time.
 
 This module must never decide what is trained on or how a loss is computed: it only applies gradients.
 """
@@ -32,6 +33,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from spa_rl.errors import SpaError
 from spa_rl.training.precision import MasterWeights, Precision
 
 T = TypeVar("T")
@@ -77,7 +79,11 @@ def shard_model(model: torch.nn.Module, precision: Precision) -> None:
 
     mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
              if precision.master_weights else MixedPrecisionPolicy())
-    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise SpaError(f"shard_weights found no decoder layers in {type(model).__name__} (transformers' "
+                       f"GradientCheckpointingLayer) to shard one by one: drop --shard-weights")
+    for layer in layers:
         fully_shard(layer, mp_policy=mixed)
     fully_shard(model, mp_policy=mixed)
 
@@ -189,23 +195,26 @@ class Trainable:
         """The weights to save: the fp32 master copies when there are any (None: the model's own). Every process
         must call it: sharded weights are gathered whole on the main process (the others get an empty dict)."""
         if self.fsdp:
-            return self._gathered(on_main_only=True)
+            return self._gathered()
         return self.master.state_dict(self.model) if self.master else None
 
-    def full_weights(self) -> dict[str, torch.Tensor]:
-        """The whole weights in every process, at training precision (a collective when they are sharded): what
-        a copy of the model for generation loads."""
-        if self.fsdp:
-            return self._gathered(on_main_only=False)
-        return self.weights() or self.model.state_dict()
+    @torch.no_grad()
+    def copy_into(self, model: torch.nn.Module, prefix: str = "") -> None:
+        """Copy the current weights into `model` (a whole copy of `self.model`'s submodule `prefix`, e.g. a copy of
+        the actor's language model for generation, at any dtype). Every process must call it when the weights are
+        sharded: each tensor is gathered whole in turn, so at most one whole tensor is ever held beyond `model`."""
+        target = dict(model.named_parameters(remove_duplicate=False))
+        for name, p in self.model.named_parameters():
+            if name.startswith(prefix):
+                whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+                target[name.removeprefix(prefix)].copy_(whole)
 
-    def _gathered(self, on_main_only: bool) -> dict[str, torch.Tensor]:
-        """The sharded weights gathered whole (on the CPU of the main process only, or in every process), tied
+    def _gathered(self) -> dict[str, torch.Tensor]:
+        """The sharded weights gathered whole on the CPU of the main process (the others get an empty dict), tied
         names sharing one tensor as in the model, so that a saved model ties them as an unsharded one does."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                          cpu_offload=on_main_only))
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         first: dict[int, str] = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if name in state:
