@@ -133,16 +133,11 @@ class Trainable:
         if self.master:
             self.master.accumulate()
 
-    @property
-    def lockstep(self) -> bool:
-        """Every forward and backward pass of the model is a collective (sharded weights)."""
-        return self.fsdp
-
     def in_lockstep(self, micro: list[T]) -> list[T | None]:
         """`micro` (this process's micro-batches for one pass over some rows) padded with None up to the most any
-        process has when the passes are collectives (`lockstep`), unchanged otherwise. For a None, run
+        process has when every pass is a collective (sharded weights), unchanged otherwise. For a None, run
         `idle_loss()` (and backward it when training), so that every process runs the same passes."""
-        if not self.lockstep:
+        if not self.fsdp:
             return list(micro)
         most = torch.tensor([len(micro)], device=self.accelerator.device)
         torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
