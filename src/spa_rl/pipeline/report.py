@@ -108,7 +108,10 @@ def _finish(fig: Figure, ax: Any, title: str, xlabel: str = "", ylabel: str = ""
     if integer_x:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if len(ax.get_legend_handles_labels()[1]) > 4:  # many lines: the legend beside the plot, not over its lines
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     return _png(fig)
 
 
