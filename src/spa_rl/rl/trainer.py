@@ -286,15 +286,10 @@ def score_rows(model: Trainable | torch.nn.Module, batch: Batch, config: RLConfi
     model being trained (in its precision, in step with the other processes when its weights are sharded) or a
     plain one (`autocast`: where its passes run)."""
     out = torch.zeros_like(batch.mask)
-    micro = batch.micro(list(range(len(batch.lengths))), config)
-    trainable = model if isinstance(model, Trainable) else None
-    if trainable is not None:
-        micro, autocast, model = trainable.in_lockstep(micro), trainable.autocast, trainable.model
+    micro: Any = batch.micro(list(range(len(batch.lengths))), config)
+    if isinstance(model, Trainable):
+        micro, autocast, model = model.in_lockstep(micro, train=False), model.autocast, model.model
     for idx in micro:
-        if idx is None:  # another process has more rows: keep in step with it
-            with autocast():
-                trainable.idle_loss()
-            continue
         ids, attention, keep, width = batch.rows(idx, device)
         with autocast():
             got = model(ids, attention, keep) if values else model(ids, attention, keep)[0]
@@ -673,10 +668,6 @@ def _actor_minibatch(batch: Batch, kept: list[Trajectory], minibatch: list[int],
         sums[name] = sums.get(name, 0.0) + value
 
     for idx in actor.in_lockstep(batch.micro(minibatch, config)):
-        if idx is None:  # another process has more micro-batches: keep in step with it
-            with actor.autocast():
-                actor.backward(actor.idle_loss())
-            continue
         ids, attention, keep, width = batch.rows(idx, device)
         rows = torch.tensor(idx)
         w = weights[rows, :width - 1].to(device)
@@ -719,10 +710,6 @@ def _world_model_loss(kept: list[Trajectory], minibatch: list[int], config: RLCo
     wm = Batch.of_sequences(sequences, pad_id=0) if sequences else None
     nll_sum = 0.0
     for idx in actor.in_lockstep(wm.micro(list(range(len(sequences))), config) if wm else []):
-        if idx is None:  # another process has more micro-batches: keep in step with it
-            with actor.autocast():
-                actor.backward(actor.idle_loss())
-            continue
         ids, attention, keep, _ = wm.rows(idx, device)
         with actor.autocast():
             logp, _ = actor.model(ids, attention, keep, temperature=1.0)
@@ -736,10 +723,6 @@ def _critic_minibatch(batch: Batch, minibatch: list[int], weights: torch.Tensor,
                       critic: Trainable, device: Any) -> dict[str, float]:
     sums = {"losses/value_loss": 0.0, "losses/value_clipfrac": 0.0}
     for idx in critic.in_lockstep(batch.micro(minibatch, config)):
-        if idx is None:  # another process has more micro-batches: keep in step with it
-            with critic.autocast():
-                critic.backward(critic.idle_loss())
-            continue
         ids, attention, keep, width = batch.rows(idx, device)
         rows = torch.tensor(idx)
         w = weights[rows, :width - 1].to(device)

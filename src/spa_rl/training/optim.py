@@ -16,8 +16,8 @@ Sharded weights (`shard_weights=True`, FSDP / ZeRO stage 3, PyTorch's FSDP2 `ful
 and on the root): each process keeps 1/N of every weight, of its gradient and of its AdamW state, in fp32; a
 layer's whole weights exist only while it runs (gathered in bf16 for bf16 training, with gradients reduced in
 fp32: FSDP's mixed precision takes the place of the master copies). Every forward and backward pass is then a
-collective, so all processes must run the same number of them: `in_lockstep` pads a process's micro-batches and
-`idle_loss` is the pass a process without work runs. Checkpoints gather full state dicts
+collective, so all processes must run the same number of them: `in_lockstep` runs idle passes (`idle_loss`, a zero
+loss through every weight) on a process with fewer micro-batches. Checkpoints gather full state dicts
 (`torch.distributed.checkpoint.state_dict`), so they are the same files as an unsharded run's; `copy_into` fills
 a whole copy for generation one gathered tensor at a time.
 
@@ -133,15 +133,21 @@ class Trainable:
         if self.master:
             self.master.accumulate()
 
-    def in_lockstep(self, micro: list[T]) -> list[T | None]:
-        """`micro` (this process's micro-batches for one pass over some rows) padded with None up to the most any
-        process has when every pass is a collective (sharded weights), unchanged otherwise. For a None, run
-        `idle_loss()` (and backward it when training), so that every process runs the same passes."""
-        if not self.fsdp:
-            return list(micro)
-        most = torch.tensor([len(micro)], device=self.accelerator.device)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        return [*micro, *[None] * (int(most) - len(micro))]
+    def in_lockstep(self, micro: list[T], train: bool = True) -> Iterator[T]:
+        """Yield this process's micro-batches (`micro`, for one pass over some rows). When every pass is a
+        collective (sharded weights), then run idle passes (`idle_loss()`, backward when `train`) up to the most
+        micro-batches any process has, so that every process runs the same passes. Consume it to the end."""
+        extra = 0
+        if self.fsdp:  # agree on the count before the first pass: every pass after it is a collective
+            most = torch.tensor([len(micro)], device=self.accelerator.device)
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+            extra = int(most) - len(micro)
+        yield from micro
+        for _ in range(extra):  # another process has more micro-batches: keep in step with it
+            with self.autocast():
+                loss = self.idle_loss()
+                if train:
+                    self.backward(loss)
 
     def idle_loss(self) -> torch.Tensor:
         """A pass of the model on one dummy token: 0, but computed through every weight, so that its backward
