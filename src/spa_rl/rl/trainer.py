@@ -21,6 +21,7 @@ import copy
 import math
 import resource
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -286,7 +287,7 @@ def score_rows(model: Trainable | torch.nn.Module, batch: Batch, config: RLConfi
     model being trained (in its precision, in step with the other processes when its weights are sharded) or a
     plain one (`autocast`: where its passes run)."""
     out = torch.zeros_like(batch.mask)
-    micro: Any = batch.micro(list(range(len(batch.lengths))), config)
+    micro: Iterable[list[int]] = batch.micro(list(range(len(batch.lengths))), config)
     if isinstance(model, Trainable):
         micro, autocast, model = model.in_lockstep(micro, train=False), model.autocast, model.model
     for idx in micro:
