@@ -2,7 +2,7 @@
 draw their validation Pass@1 / Pass@k curves overlaid in one PNG.
 
     python scripts/rl_table.py                       # runs/curves, written by scripts/rl_curves.sh
-    python scripts/rl_table.py runs/curves docs/img/rl_curves.png
+    python scripts/rl_table.py runs/curves docs/rl_curves.png frozenlake    # only runs whose name starts so
 
 Tables: validation at each evaluated step (Pass@1, Pass@k at the largest k, format, world-model accuracy), then
 per run the training side: reward and success over the first and last five steps, the sampler/trainer log-prob
@@ -30,11 +30,12 @@ def _mean(rows: list[dict], key: str) -> float:
     return statistics.mean(values) if values else float("nan")
 
 
-def main(root: str = "runs/curves", png: str | None = None) -> None:
+def main(root: str = "runs/curves", png: str | None = None, prefix: str = "") -> None:
     dirs = sorted(p.parent for p in Path(root).rglob("config.json")
-                  if json.loads(p.read_text()).get("stage") == "train" and (p.parent / "metrics.jsonl").is_file())
+                  if json.loads(p.read_text()).get("stage") == "train" and (p.parent / "metrics.jsonl").is_file()
+                  and str(p.parent.relative_to(root)).startswith(prefix))
     if not dirs:
-        sys.exit(f"no spa train run under {root}: run bash scripts/rl_curves.sh first")
+        sys.exit(f"no spa train run under {root} named {prefix}*: run bash scripts/rl_curves.sh first")
     summaries = [run_summary(d) for d in dirs]
     runs = {str(d.relative_to(root)): s["rl_rows"] for d, s in zip(dirs, summaries, strict=True)}
     k = largest_pass_at_k([r for rows in runs.values() for r in rows])
