@@ -55,7 +55,8 @@ def test_flags_are_generated_from_the_fields():
     help_text = " ".join(parser.format_help().split())
     assert "--steps STEPS Optimizer steps. (default: 10; >= 1)" in help_text
     assert "second paragraph" not in help_text
-    assert "--no-filter Drop bad rows." in help_text
+    assert "--no-filter Drop bad rows. (on; --no-filter turns it off)" in help_text
+    assert "--no-log Write logs. (on; --no-log turns it off)" in help_text
     # names shared by two parts get no flag of their own: only --set reaches them
     assert "--temperature" not in help_text and "--mode" not in help_text
     assert set(flags.dests.values()) == {("out",), ("steps",), ("filter",), ("log",)}
@@ -72,6 +73,16 @@ def test_a_real_stage_help_shows_docstrings_choices_and_defaults(capsys):
     assert "--lr LR Peak learning rate of AdamW. (default: 0.0001; > 0)" in text
     assert "--loss {full,masked}" in text and "--dtype {auto,bf16,bf16-autocast,fp16,fp32}" in text
     assert "--max-samples MAX_SAMPLES" in text and "--no-pack" in text and "--wandb PROJECT" in text
+
+
+def test_help_of_a_positional_and_of_a_preset_command_says_what_a_user_must_know(capsys):
+    with pytest.raises(SystemExit):
+        main(["env", "show", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ENV Environment name (see spa env list). (required)" in text and "default: sokoban" not in text
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "--print-config shows what the run will use" in " ".join(capsys.readouterr().out.split())
 
 
 def test_toml_then_set_then_flags(tmp_path):

@@ -313,8 +313,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "demo": Command("the main job for now: tour the puzzles with scripted policies, then evaluate the embedded "
-                    "model zero-shot on a few puzzles", "spa_rl.demo:DemoConfig", cmd_demo),
+    "demo": Command("a tour: the puzzles played by scripted policies, then the embedded model zero-shot on a few "
+                    "puzzles", "spa_rl.demo:DemoConfig", cmd_demo),
     "eval": Command("evaluate a model (or a scripted policy) on validation puzzles: Pass@k, action statistics, "
                     "world-model accuracy", "spa_rl.evaluation:EvalConfig", cmd_eval, required=("env",)),
     "collect": Command("self-play: play training puzzles, rewrite every turn with the true states, write an SFT "
@@ -360,7 +360,10 @@ def build_parser(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, dic
     chosen = next((a for a in argv if not a.startswith("-")), None)
     flags: dict[str, Flags] = {}
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help)
+        p = sub.add_parser(name, help=command.help, description=command.help,
+                           epilog="The defaults shown are the settings' own: the recipe and the preset (--preset, cpu "
+                           "unless given) replace many of them, and --print-config shows what the run will use."
+                           if command.make else None)
         p.set_defaults(func=command.run, flags_key=name)
         if name == chosen:
             flags[name] = add_arguments(p, _config_class(command.config), command.positional, command.required,

@@ -1,4 +1,4 @@
-"""Self-play data (docs/method.md, stage 1): play, replace the agent's beliefs with the environment's true
+"""Self-play data (docs/method.md §4): play, replace the agent's beliefs with the environment's true
 states, and write supervised fine-tuning samples (`spa collect`).
 
 Every assistant turn is rewritten: `<observation>` gets the true state at the start of the turn and

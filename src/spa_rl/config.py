@@ -495,8 +495,9 @@ def _help(leaf: Leaf, required: bool = False) -> str:
     if leaf.default is MISSING:
         return text
     base, _ = _optional(leaf.type)
-    if base is bool:
-        return text
+    if base is bool:  # a setting that is on gets a flag that turns it off: say so unless its docstring does
+        flag = _flag_name(leaf)
+        return f"{text} (on; {flag} turns it off)" if leaf.default is True and flag not in text else text
     shown = json.dumps(leaf.default) if isinstance(leaf.default, list | tuple | dict) else leaf.default
     if shown == "":
         return text
@@ -547,7 +548,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
         if lf.path[-1] in positional or lf.meta.get("positional"):
             many = (get_origin(base) or base) is list
             item = Leaf(lf.path, lf.field, get_args(base)[0] if many and get_args(base) else base, lf.doc, MISSING)
-            parser.add_argument(dest, metavar=lf.path[-1].upper(), help=kwargs["help"], nargs="+" if many else None,
+            parser.add_argument(dest, metavar=lf.path[-1].upper(), help=_help(lf, required=True),
+                                nargs="+" if many else None,
                                 type=functools.partial(_from_text, item))
             continue
         if base is bool:

@@ -1,4 +1,4 @@
-"""World-model SFT (docs/method.md, stage 2): fine-tune on self-play turns, with the loss on the assistant's
+"""World-model SFT (docs/method.md §5): fine-tune on self-play turns, with the loss on the assistant's
 turn only (`spa sft`).
 
 Loss variants: `full` (the paper's SPA, its Eq. 1-2: every token of the assistant turn, the true
@@ -62,7 +62,7 @@ _HIDDEN = re.compile(r"<(observation|prediction)>(.*?)</\1>", re.DOTALL)
 
 @dataclass(kw_only=True)
 class SFTConfig(Seeded):
-    """`spa sft`: world-model SFT (defaults: the paper's, docs/method.md stage 2)."""
+    """`spa sft`: world-model SFT (defaults: the paper's, docs/method.md §5)."""
 
     data: str = setting(metavar="DIR")
     """Dataset directory written by `spa collect` (train.jsonl, val.jsonl, manifest.json)."""
