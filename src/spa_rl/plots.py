@@ -67,7 +67,7 @@ RL_PANELS = (
     ("reward and success (training episodes)", ("rollout/reward_mean", "rollout/success")),
     ("validation Pass@k", ("val/pass@1", "val/pass@2", "val/pass@4", "val/pass@8")),
     ("world-model accuracy", ("val/observation_exact", "val/prediction_exact", "val/copy_exact_baseline",
-                              "rollout/prediction_exact")),
+                              "rollout/observation_exact", "rollout/prediction_exact")),
     ("losses", ("losses/policy_loss", "losses/value_loss", "losses/world_model")),
     ("entropy and diversity", ("losses/entropy", "rollout/distinct_actions", "rollout/distinct_responses")),
     ("PPO health", ("losses/approx_kl", "losses/clipfrac", "losses/explained_variance")),
@@ -85,13 +85,14 @@ def plot_rl(run_dir: str | Path) -> Path | None:
     fig = Figure(figsize=(13, 7.5))
     axes = fig.subplots(2, 3).flatten()
     for ax, (title, keys) in zip(axes, RL_PANELS, strict=True):
+        mixed = len({key.split("/")[0] for key in keys}) > 1  # then the prefix tells validation from rollouts
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
             if points:
                 style = "o-" if key.startswith("val/") else "-"
-                ax.plot(*zip(*points, strict=True), style, lw=1.2, ms=3, label=key.split("/", 1)[1])
+                ax.plot(*zip(*points, strict=True), style, lw=1.2, ms=3, label=key if mixed else key.split("/", 1)[1])
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO step")
+        ax.set_xlabel("RL step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
