@@ -291,15 +291,19 @@ def _stage_models(config: RunConfig, root: Path) -> list[tuple[str, str]]:
 
 def _what(stage: str, config: RunConfig) -> str:
     rc = config.rollout
+
+    def count(n: int, word: str) -> str:
+        return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
     return {
         "warm-start": f"format warm start: scripted self-play ({config.warm_collect.policy}) in the {rc.format} "
                       f"format, {rc.render} render, predictions rewritten as 'nothing changes', then SFT",
         "collect": f"self-play data: the {'model' if config.collect.uses_model else config.collect.policy} plays "
                    f"{config.collect.puzzles} puzzles x {config.collect.samples}, "
                    f"{'true states replace its beliefs' if config.collect.rewrite else 'its own beliefs kept'}",
-        "sft": f"world-model SFT ({config.sft.loss} loss, {config.sft.epochs} epochs)",
-        "rl": f"PPO ({config.rl.advantage}), {config.rl.steps} steps of {config.rl.puzzles_per_step} puzzles x "
-              f"{config.rl.samples_per_puzzle}",
+        "sft": f"world-model SFT ({config.sft.loss} loss, {count(config.sft.epochs, 'epoch')})",
+        "rl": f"PPO ({config.rl.advantage}), {count(config.rl.steps, 'step')} of "
+              f"{config.rl.puzzles_per_step} puzzles x {config.rl.samples_per_puzzle}",
         "eval": f"the final model on {config.eval.puzzles} validation puzzles x {config.eval.samples}",
         "imagine": f"the agent plays inside its own world model on {config.imagine.puzzles} validation puzzles",
     }[stage]
