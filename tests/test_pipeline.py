@@ -45,6 +45,9 @@ def test_the_recipes_that_ship_are_the_papers_arms():
     assert not _config("spa-self-belief", "x").collect.rewrite
     assert _config("spa-random-data", "x").collect.policy == "random"
     assert spa.model.model == "tiny-random" and spa.warm_start, "the smoke preset's model, warm-started"
+    from spa_rl.pipeline.run import _what
+    assert "predictions rewritten" in _what("warm-start", spa), "the world-model format's warm start says what it does"
+    assert "prediction" not in _what("warm-start", vanilla), "the plain format has no prediction to rewrite"
 
 
 @pytest.mark.slow

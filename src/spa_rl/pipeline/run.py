@@ -297,7 +297,8 @@ def _what(stage: str, config: RunConfig) -> str:
 
     return {
         "warm-start": f"format warm start: scripted self-play ({config.warm_collect.policy}) in the {rc.format} "
-                      f"format, {rc.render} render, predictions rewritten as 'nothing changes', then SFT",
+                      f"format, {rc.render} render"
+                      f"{', predictions rewritten as nothing changes' if rc.format == 'world-model' else ''}, then SFT",
         "collect": f"self-play data: the {'model' if config.collect.uses_model else config.collect.policy} plays "
                    f"{config.collect.puzzles} puzzles x {config.collect.samples}, "
                    f"{'true states replace its beliefs' if config.collect.rewrite else 'its own beliefs kept'}",
