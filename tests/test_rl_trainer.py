@@ -439,3 +439,18 @@ def test_the_critic_fits_returns_that_its_input_determines(tokenizer):
         trainable.backward(loss)
         trainable.step()
     assert variance[0] == 0.0 and max(variance) > 0.9, f"explained variance {variance[0]:.2f} -> {max(variance):.2f}"
+
+
+def test_curves_of_a_one_step_run_show_every_value():
+    from spa_rl.plots import rl_figure
+
+    rows = [{"step": 0, "val/pass@1": 0.2}, {"step": 1, "rollout/reward_mean": 0.1, "losses/policy_loss": -0.02,
+                                             "losses/entropy": 0.3}, {"step": 1, "val/pass@1": 0.1}]
+    fig = rl_figure(rows, "one-step")
+    lines = [line for ax in fig.axes for line in ax.get_lines()]
+    assert len(lines) == 4 and all(line.get_marker() == "o" for line in lines), "a lone point is drawn, not a void"
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        assert lo < 0 and hi > 1, "every panel spans the run's steps with room at both ends"
+    many = [{"step": s, "rollout/reward_mean": 0.1} for s in range(1, 51)]
+    assert rl_figure(many, "long").axes[0].get_lines()[0].get_marker() in ("None", "", None), "long runs: plain lines"

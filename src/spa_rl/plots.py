@@ -74,6 +74,38 @@ RL_PANELS = (
 )
 
 
+def step_limits(steps: list[float]) -> tuple[float, float]:
+    """x-axis limits that span the RL steps with room at both ends, also when there is only one step."""
+    lo, hi = (min(steps), max(steps)) if steps else (0, 1)
+    pad = max(0.5, 0.03 * (hi - lo))
+    return lo - pad, hi + pad
+
+
+def rl_figure(rows: list[dict], name: str) -> Figure:
+    """The figure of `plot_rl` for metrics rows (one dict per logged step). Every panel spans the run's steps;
+    a series with few points gets markers, so a run of one step still shows its values."""
+    fig = Figure(figsize=(13, 7.5))
+    axes = fig.subplots(2, 3).flatten()
+    xlim = step_limits([r["step"] for r in rows if isinstance(r.get("step"), int | float)])
+    for ax, (title, keys) in zip(axes, RL_PANELS, strict=True):
+        mixed = len({key.split("/")[0] for key in keys}) > 1  # then the prefix tells validation from rollouts
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+            if points:
+                style = "o-" if key.startswith("val/") or len(points) <= 20 else "-"
+                ax.plot(*zip(*points, strict=True), style, lw=1.2, ms=3, label=key if mixed else key.split("/", 1)[1])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.set_xlim(*xlim)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"RL: {name}")
+    fig.tight_layout()
+    return fig
+
+
 def plot_rl(run_dir: str | Path) -> Path | None:
     """`curves.png`: an RL run's reward, validation Pass@k, world-model accuracy, losses, entropy and PPO
     diagnostics against the step."""
@@ -82,23 +114,7 @@ def plot_rl(run_dir: str | Path) -> Path | None:
     rows = read_jsonl(path) if path.is_file() else []
     if not rows:
         return None
-    fig = Figure(figsize=(13, 7.5))
-    axes = fig.subplots(2, 3).flatten()
-    for ax, (title, keys) in zip(axes, RL_PANELS, strict=True):
-        mixed = len({key.split("/")[0] for key in keys}) > 1  # then the prefix tells validation from rollouts
-        for key in keys:
-            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
-            if points:
-                style = "o-" if key.startswith("val/") else "-"
-                ax.plot(*zip(*points, strict=True), style, lw=1.2, ms=3, label=key if mixed else key.split("/", 1)[1])
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("RL step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(f"RL: {run_dir.name}")
-    fig.tight_layout()
+    name = f"{run_dir.resolve().parent.name}/{run_dir.name}" if run_dir.name == "rl" else run_dir.name  # spa run's rl/
     out = run_dir / "curves.png"
-    fig.savefig(out, dpi=110)
+    rl_figure(rows, name).savefig(out, dpi=110)
     return out

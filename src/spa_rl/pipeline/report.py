@@ -27,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 from spa_rl.config import Config, setting
 from spa_rl.errors import SpaError
 from spa_rl.io import atomic_write_text, read_json, read_jsonl, writable_file
-from spa_rl.plots import plot_rl
+from spa_rl.plots import plot_rl, step_limits
 
 VIEWER_EPISODES = 64
 """At most this many evaluation episodes are embedded in the viewer (the report stays small)."""
@@ -132,6 +132,8 @@ def plot_validation(summaries: list[dict], keys: tuple[str, ...], title: str) ->
                 ax.plot(*zip(*points, strict=True), styles[j % len(styles)], color=colour, ms=2 + width, lw=width,
                         label=label)
                 drawn = True
+    if drawn:
+        ax.set_xlim(*step_limits([r["step"] for s in summaries for r in s["rl_rows"] if "step" in r]))
     return _finish(fig, ax, title, xlabel="RL step", integer_x=True) if drawn else None
 
 
