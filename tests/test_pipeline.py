@@ -150,6 +150,9 @@ def test_compare_overlays_runs_and_averages_seeds(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "v1"), str(tmp_path / "v2"), "--out", str(out)]) == 0
     page = out.read_text()
     assert "2 seed(s): v1, v2" in page and "±" in page and "data:image/png;base64," in page
+    table = page.split("<table")[1].split("</table>")[0]
+    assert "format_rate" in table and "observation_exact" not in table, "a plain-format arm has no world model to score"
+    assert "n/a" not in table, "no column that no run has"
     # a `spa train` directory (here the RL stage of v1) compares too: its last validation is its final result
     assert main(["compare", str(tmp_path / "v1"), str(tmp_path / "v1" / "rl"), "--out", str(out)]) == 0
     page = out.read_text()

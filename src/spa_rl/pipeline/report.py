@@ -59,12 +59,25 @@ def run_summary(root: Path) -> dict:
 
 RESULT_KEYS = ("pass@1", "pass@2", "pass@4", "pass@8", "format_rate", "action_valid_rate", "observation_exact",
                "prediction_exact", "prediction_cell_acc", "copy_exact_baseline", "mean_reward")
+COMPARE_KEYS = ("pass@1", "pass@2", "pass@4", "pass@8", "format_rate", "observation_exact", "prediction_exact",
+                "prediction_cell_acc", "copy_exact_baseline")
+WORLD_MODEL_KEYS = ("observation_exact", "prediction_exact", "prediction_cell_acc")
+
+
+def final_results(summary: dict) -> dict:
+    """The run's final evaluation, without the world-model metrics when its format has no observation or
+    prediction to score (the plain format's evaluation reports them as 0, which would read as a failure)."""
+    final = dict(summary["eval"] or {})
+    if summary["config"].get("rollout", {}).get("format") == "plain":
+        for key in WORLD_MODEL_KEYS:
+            final.pop(key, None)
+    return final
 
 
 def results_rows(summary: dict) -> list[tuple[str, str, float | None]]:
     """(where, metric, value) rows of a run's results table."""
     rows: list[tuple[str, str, float | None]] = []
-    final = summary["eval"] or {}
+    final = final_results(summary)
     for key in RESULT_KEYS:
         if key in final:
             rows.append(("final evaluation", key, final[key]))
@@ -110,6 +123,7 @@ def _finish(fig: Figure, ax: Any, title: str, xlabel: str = "", ylabel: str = ""
     ax.grid(alpha=0.3)
     if len(ax.get_legend_handles_labels()[1]) > 4:  # many lines: the legend beside the plot, not over its lines
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.set_figwidth(fig.get_figwidth() + 3)  # room for it, so the plot and its title keep their width
     else:
         ax.legend(fontsize=7)
     return _png(fig)
@@ -124,7 +138,10 @@ def plot_validation(summaries: list[dict], keys: tuple[str, ...], title: str) ->
     styles = ("o-", "s--", "^:", "d-.")
     for i, s in enumerate(summaries):
         width = 1.3 if len(summaries) == 1 else 1.0 + 2.0 * (len(summaries) - 1 - i) / (len(summaries) - 1)
+        plain = s["config"].get("rollout", {}).get("format") == "plain"
         for j, key in enumerate(keys):
+            if plain and key.split("/")[-1] in WORLD_MODEL_KEYS:
+                continue  # nothing to score: see final_results
             points = [(r["step"], r[key]) for r in s["rl_rows"] if isinstance(r.get(key), int | float)]
             if points:
                 name = key.removeprefix("val/")
@@ -288,7 +305,8 @@ def compare_runs(config: CompareConfig) -> Path:
     groups: dict[str, list[dict]] = {}
     for s in summaries:
         groups.setdefault(_arm(s), []).append(s)
-    header = "".join(f"<th>{html.escape(k)}</th>" for k in RESULT_KEYS[:4] + ("prediction_exact",))
+    keys = [k for k in COMPARE_KEYS if any(k in final_results(s) for s in summaries)]  # no all-n/a columns
+    header = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = ""
     for members in groups.values():
         cfg = members[0]["config"]
@@ -296,8 +314,8 @@ def compare_runs(config: CompareConfig) -> Path:
                f"spa train ({cfg.get('advantage')}, {cfg.get('rollout', {}).get('env')})")
         label = f"{arm}, {len(members)} seed(s): " + ", ".join(m["name"] for m in members)
         cells = ""
-        for key in RESULT_KEYS[:4] + ("prediction_exact",):
-            values = [m["eval"][key] for m in members if m["eval"] and key in m["eval"]]
+        for key in keys:
+            values = [final_results(m)[key] for m in members if key in final_results(m)]
             if not values:
                 cells += "<td class=\"num\">n/a</td>"
             elif len(values) == 1:
