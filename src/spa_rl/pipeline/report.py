@@ -38,6 +38,10 @@ def _json(path: Path) -> Any:
     return read_json(path, "results") if path.is_file() else None
 
 
+WORLD_MODEL_KEYS = ("observation_exact", "prediction_exact", "prediction_cell_acc")
+"""Evaluation metrics of the world-model format, which a plain-format run does not have."""
+
+
 def run_summary(root: Path) -> dict:
     """What the stages of run `root` wrote, as one dict (missing stages are None). `root` may also be a
     `spa train` directory: its metrics are then the RL stage's, and its last validation stands for the final
@@ -50,8 +54,11 @@ def run_summary(root: Path) -> dict:
     if train:
         vals = [r for r in rl_rows if "val/pass@1" in r]
         final = {k.removeprefix("val/"): v for k, v in vals[-1].items() if k.startswith("val/")} if vals else None
+    plain = config.get("config", {}).get("rollout", {}).get("format") == "plain"
+    if final and plain:  # the plain format has no observation or prediction: its 0s would read as a failure
+        final = {k: v for k, v in final.items() if k not in WORLD_MODEL_KEYS}
     return {"root": str(root), "name": root.name, "stage": config.get("stage"), "config": config.get("config", {}),
-            "eval": final, "imagine": _json(root / "imagine" / "imagine.json"),
+            "plain": plain, "eval": final, "imagine": _json(root / "imagine" / "imagine.json"),
             "novelty": _json(root / "novelty.json"), "rl_rows": rl_rows,
             "rl_result": _json(rl / "result.json"), "sft_result": _json(root / "sft" / "result.json"),
             "times": _json(root / "times.json") or {}}
@@ -61,23 +68,12 @@ RESULT_KEYS = ("pass@1", "pass@2", "pass@4", "pass@8", "format_rate", "action_va
                "prediction_exact", "prediction_cell_acc", "copy_exact_baseline", "mean_reward")
 COMPARE_KEYS = ("pass@1", "pass@2", "pass@4", "pass@8", "format_rate", "observation_exact", "prediction_exact",
                 "prediction_cell_acc", "copy_exact_baseline")
-WORLD_MODEL_KEYS = ("observation_exact", "prediction_exact", "prediction_cell_acc")
-
-
-def final_results(summary: dict) -> dict:
-    """The run's final evaluation, without the world-model metrics when its format has no observation or
-    prediction to score (the plain format's evaluation reports them as 0, which would read as a failure)."""
-    final = dict(summary["eval"] or {})
-    if summary["config"].get("rollout", {}).get("format") == "plain":
-        for key in WORLD_MODEL_KEYS:
-            final.pop(key, None)
-    return final
 
 
 def results_rows(summary: dict) -> list[tuple[str, str, float | None]]:
     """(where, metric, value) rows of a run's results table."""
     rows: list[tuple[str, str, float | None]] = []
-    final = final_results(summary)
+    final = summary["eval"] or {}
     for key in RESULT_KEYS:
         if key in final:
             rows.append(("final evaluation", key, final[key]))
@@ -138,10 +134,9 @@ def plot_validation(summaries: list[dict], keys: tuple[str, ...], title: str) ->
     styles = ("o-", "s--", "^:", "d-.")
     for i, s in enumerate(summaries):
         width = 1.3 if len(summaries) == 1 else 1.0 + 2.0 * (len(summaries) - 1 - i) / (len(summaries) - 1)
-        plain = s["config"].get("rollout", {}).get("format") == "plain"
         for j, key in enumerate(keys):
-            if plain and key.split("/")[-1] in WORLD_MODEL_KEYS:
-                continue  # nothing to score: see final_results
+            if s["plain"] and key.split("/")[-1] in WORLD_MODEL_KEYS:
+                continue  # nothing to score: see run_summary
             points = [(r["step"], r[key]) for r in s["rl_rows"] if isinstance(r.get(key), int | float)]
             if points:
                 name = key.removeprefix("val/")
@@ -305,7 +300,7 @@ def compare_runs(config: CompareConfig) -> Path:
     groups: dict[str, list[dict]] = {}
     for s in summaries:
         groups.setdefault(_arm(s), []).append(s)
-    keys = [k for k in COMPARE_KEYS if any(k in final_results(s) for s in summaries)]  # no all-n/a columns
+    keys = [k for k in COMPARE_KEYS if any(k in (s["eval"] or {}) for s in summaries)]  # no all-n/a columns
     header = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = ""
     for members in groups.values():
@@ -315,7 +310,7 @@ def compare_runs(config: CompareConfig) -> Path:
         label = f"{arm}, {len(members)} seed(s): " + ", ".join(m["name"] for m in members)
         cells = ""
         for key in keys:
-            values = [final_results(m)[key] for m in members if key in final_results(m)]
+            values = [m["eval"][key] for m in members if m["eval"] and key in m["eval"]]
             if not values:
                 cells += "<td class=\"num\">n/a</td>"
             elif len(values) == 1:
