@@ -2,8 +2,11 @@
 `optimizer`, ZeRO stage 1) or the weights (MODE `weights`, FSDP) sharded over the processes, straight through
 (OUT/straight), and interrupted after its second step's checkpoint then resumed in the same processes
 (OUT/resumed); an unsharded run beside them (OUT/whole). MODE `weights-bf16` shards the weights under bf16
-with gradient checkpointing, the world-model loss and the curiosity bonus, playing scripted well-formed turns (a
-random model breaks the format, and malformed turns have no world-model term). Not a test by itself.
+with gradient checkpointing, the world-model loss and the curiosity bonus. Every run plays the same scripted
+well-formed turns, scored by the model the engine generates with (`Scripted`): the episodes then do not depend on
+the last bits of the weights, which the sharded and unsharded runs round differently (a sampled token that flips
+makes the later steps incomparable), while the log-probs still show whether generation ran on the current weights.
+Not a test by itself.
 
 The processes cut their rows into different numbers of micro-batches (process 0 one row a pass, process 1 all
 in one), which the arithmetic must not see and sharded weights must keep in step (every pass is a collective).
@@ -18,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 import spa_rl.rl.trainer as trainer
 from spa_rl.generation import Generation
 from spa_rl.rl.trainer import RLConfig, train_rl
@@ -28,17 +33,21 @@ ACTIONS = ("Right", "Down", "Left", "Up")
 
 class Scripted:
     """Well-formed turns, each chosen by the length of its conversation so far, so that a resumed run plays
-    what a straight one does."""
+    what a straight one does; each token's log-prob is the engine's model's under the sampling temperature, as a
+    sampler would report it."""
 
     def __init__(self, model, tokenizer):
-        self.tokenizer, self.stop_ids = tokenizer, [tokenizer.eos_token_id]
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, [tokenizer.eos_token_id]
 
+    @torch.no_grad()
     def generate(self, prompts, config, generator=None):
         out = []
         for prompt in prompts:
             ids = self.tokenizer(GOOD.format(ACTIONS[len(prompt) % len(ACTIONS)]), add_special_tokens=False)
             ids = ids["input_ids"] + self.stop_ids
-            out.append(Generation(ids, [-1.0] * len(ids), True))
+            logits = self.model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()
+            logprobs = torch.log_softmax(logits / config.temperature, -1).gather(-1, torch.tensor(ids)[:, None])
+            out.append(Generation(ids, logprobs.squeeze(-1).tolist(), True))
         return out
 
     def reset(self):
@@ -69,8 +78,7 @@ def uneven(self: trainer.Batch, idx: list[int], config: RLConfig) -> list[list[i
 def main() -> None:
     out = sys.argv[2]
     trainer.Batch.micro = uneven
-    if sys.argv[3] == "weights-bf16":
-        trainer.make_backend = lambda name, model, tokenizer: Scripted(model, tokenizer)
+    trainer.make_backend = lambda name, model, tokenizer: Scripted(model, tokenizer)
     train_rl(config(f"{out}/whole", shard=False), quiet=True)
     train_rl(config(f"{out}/straight", shard=True), quiet=True)
     original, calls = trainer.ppo_step, {"n": 0}

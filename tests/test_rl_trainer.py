@@ -265,10 +265,16 @@ def test_sharded_over_two_processes_makes_the_same_updates_and_resumes(tiny_mode
             assert final["dist/optimizer_state_share"] == pytest.approx(0.5, abs=0.01), run
         else:  # whole tensors are shared out: the tiny model's embedding is most of it, so far from equal
             assert 0 < final["dist/optimizer_state_share"] < 1, run
-    norms = {run: [r[k] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "losses/grad_norm" in r
-                   for k in ("losses/grad_norm", "losses/critic_grad_norm")]
+    norms = {run: [(r["losses/grad_norm"], r["losses/critic_grad_norm"])
+                   for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "losses/grad_norm" in r]
              for run in ("whole", "straight")}  # AdamW and clipping hide a gradient's scale from the weights
-    assert norms["straight"] == pytest.approx(norms["whole"], rel=tolerance)
+    # step 1: the same weights and the same (scripted) episodes, so the same gradients up to summation order
+    assert norms["straight"][0] == pytest.approx(norms["whole"][0], rel=tolerance)
+    # later steps start from weights that differ where the two runs rounded differently, which AdamW's first steps
+    # enlarge where a gradient is near 0: how far depends on the CPU's kernels (measured up to 0.76% on an AMX CPU),
+    # so they are held to what a wrong sum would break (a process's gradient dropped or counted twice: 30% or more)
+    later = {run: [x for pair in norms[run][1:] for x in pair] for run in norms}
+    assert later["straight"] == pytest.approx(later["whole"], rel=0.05)
     if mode != "weights-bf16":  # generation ran on the current weights (sharded: on the copy, refreshed each step)
         for run in ("straight", "resumed"):
             mismatch = [r["rollout/logprob_mismatch"] for r in read_jsonl(tmp_path / run / "metrics.jsonl")
