@@ -20,6 +20,9 @@ class HFGenerateBackend:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = stop_token_ids(model, tokenizer)
 
+    def reset(self) -> None:
+        """Nothing to forget: `generate` keeps nothing between calls."""
+
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], config: SamplingConfig,
                  generator: torch.Generator | None = None) -> list[Generation]:

@@ -48,6 +48,9 @@ class GenerationBackend(Protocol):
     def generate(self, prompts: list[list[int]], config: SamplingConfig,
                  generator: torch.Generator | None = None) -> list[Generation]: ...
 
+    def reset(self) -> None:
+        """Forget whatever was kept between calls (a cache for the next turn): the weights may change next."""
+
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """The ids that end an assistant turn: the generation config's EOS id(s), plus the tokenizer's EOS."""

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spa_rl.models import decoder_mask, next_token_logits
-from spa_rl.rl.core import entropy_from_logits
+from spa_rl.rl.core import token_logprobs_and_entropy
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -36,10 +36,8 @@ class PolicyModel(nn.Module):
                 temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`temperature`: another than the sampler's (1.0 for the model's own likelihood, as SFT trains it)."""
         t = self.temperature if temperature is None else temperature
-        logits = next_token_logits(self.lm, input_ids, attention_mask, keep).float() / t
-        targets = input_ids[:, 1:][keep]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-        return logprobs, entropy_from_logits(logits)
+        logits = next_token_logits(self.lm, input_ids, attention_mask, keep)
+        return token_logprobs_and_entropy(logits, input_ids[:, 1:][keep], t)
 
 
 class ValueModel(nn.Module):

@@ -185,6 +185,13 @@ class RLConfig(Seeded):
     def uses_critic(self) -> bool:
         return self.advantage != "grpo"
 
+    @property
+    def one_pass(self) -> bool:
+        """One PPO epoch over one minibatch (the paper's shape): the old log-probs and values are exactly what the
+        update's own forward passes compute before any weight moves, so no separate scoring pass runs; the
+        critic's pass comes first and its values give the advantages on the way (docs/method.md §6)."""
+        return self.ppo_epochs == 1 and self.kept_groups * self.samples_per_puzzle <= self.minibatch_size
+
     def check(self) -> None:
         kept = self.kept_groups * self.samples_per_puzzle
         if kept < self.minibatch_size:
@@ -492,24 +499,28 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
     mine = {group_ids[i] for i in chosen.tolist()[rank::world]}
     kept = [t for t in everything if t.group in mine]
     batch = Batch.of(kept, pad_id)
-    # 4. score the kept episodes with the training forward pass (the same code the update runs)
-    batch.old_logprobs = score_rows(actor, batch, config, device)
-    if critic is not None:
-        batch.values = score_rows(critic, batch, config, device, values=True)
+    # 4. score the kept episodes with the training forward pass (the same code the update runs), unless the update
+    # is one pass over them: then its own forwards give the same numbers before any weight moves (`one_pass`)
+    one_pass = config.one_pass
+    if not one_pass:
+        batch.old_logprobs = score_rows(actor, batch, config, device)
+        if critic is not None:
+            batch.values = score_rows(critic, batch, config, device, values=True)
     if reference is not None:
         batch.ref_logprobs = score_rows(reference, batch, config, device, autocast=actor.autocast)
     t_score = time.perf_counter() - t0
-    # 5. advantages
+    # 5. advantages (one pass with a critic: the critic's forward and backward run now, and give the values)
+    t0 = time.perf_counter()
     mask = batch.mask
+    critic_stats: dict[str, float] | None = None
     if config.advantage == "grpo":
         adv = core.group_advantages(batch.scores, batch.groups, config.grpo_norm_by_std)
         batch.advantages, batch.returns = adv[:, None] * mask, torch.zeros_like(mask)
     else:
-        if config.advantage == "gae":
-            batch.advantages, batch.returns = core.gae(batch.rewards, batch.values, mask, config.gamma, config.lam)
+        if one_pass:
+            critic_stats = _critic_first(batch, list(range(len(kept))), config, critic, device, world)
         else:
-            batch.advantages, batch.returns = core.bi_level_gae(batch.rewards, batch.values, mask, config.gamma,
-                                                                config.lam, config.turn_gamma)
+            batch.advantages, batch.returns = advantages_from_values(batch.rewards, batch.values, mask, config)
         if config.whiten_advantages:
             moments = _all_reduce([float(x) for x in core.masked_moments(batch.advantages, mask)], device, world)
             batch.advantages = core.masked_whiten(batch.advantages, mask,
@@ -517,8 +528,10 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
     # 6. PPO epochs over minibatches, actor and critic (the actor sits out the critic's warm-up, and a step whose
     # kept groups all scored uniformly: a cold model that never follows the format, or one that always wins)
     train_actor = step >= config.critic_warmup and (float(stds[chosen].max()) > 0 or not config.skip_uniform_steps)
-    t0 = time.perf_counter()
-    stats = update(batch, kept, config, actor if train_actor else None, critic, reference, device, step, world)
+    if one_pass:
+        batch.old_logprobs = torch.zeros_like(mask)  # filled by the actor's pass
+    stats = update(batch, kept, config, actor if train_actor else None, critic, reference, device, step, world,
+                   critic_stats)
     t_update = time.perf_counter() - t0
     # 7. what happened, over all processes
     n_turns = sum(len(e.turns) for e in episodes)
@@ -527,7 +540,8 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
     local = [sum(float(e.success) for e in episodes), float(len(episodes)), float(generated), float(n_turns),
              diversity["distinct_actions"], diversity["distinct_responses"],
              float(core.masked_sum((batch.rollout_logprobs - batch.old_logprobs).abs(), batch.sampled)),
-             float(batch.sampled.sum()), float(sum(batch.lengths) * config.ppo_epochs),
+             float(batch.sampled.sum()) if train_actor or not one_pass else 0.0,
+             float(sum(batch.lengths) * config.ppo_epochs),
              wm["observation_exact"] * n_turns, wm["prediction_exact"] * n_turns,
              sum(e.total_reward for e in episodes)]
     (successes, n_episodes, tokens, turns, distinct_actions, distinct_responses, mismatch, sampled, trained,
@@ -543,7 +557,7 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
         "rollout/group_std": float(stds.mean()),
         "rollout/response_tokens": tokens / max(turns, 1),
         "rollout/turns": turns / max(n_episodes, 1),
-        "rollout/logprob_mismatch": mismatch / max(sampled, 1),
+        **({"rollout/logprob_mismatch": mismatch / sampled} if sampled else {}),  # one pass: the actor's forward
         "rollout/distinct_actions": distinct_actions / world,
         "rollout/distinct_responses": distinct_responses / world,
         "rollout/observation_exact": observation_exact / max(turns, 1),
@@ -592,12 +606,21 @@ def per_turn_bonuses(episodes: list[Episode], config: RLConfig, lm: Any, tokeniz
     return out, stats
 
 
+def advantages_from_values(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                           config: RLConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [N, T-1] of rows by the configured critic-based estimator (before whitening)."""
+    if config.advantage == "gae":
+        return core.gae(rewards, values, mask, config.gamma, config.lam)
+    return core.bi_level_gae(rewards, values, mask, config.gamma, config.lam, config.turn_gamma)
+
+
 def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Trainable | None,
            critic: Trainable | None, reference: PolicyModel | None, device: Any, step: int,
-           world: int) -> dict[str, float]:
+           world: int, critic_stats: dict[str, float] | None = None) -> dict[str, float]:
     """PPO epochs over minibatches: the actor's clipped loss (with entropy, KL and world-model terms) and the
-    critic's clipped value loss, gradients summed over processes (`actor` None: the critic only). Returns the
-    mean statistics."""
+    critic's clipped value loss, gradients summed over processes (`actor` None: the critic only;
+    `critic_stats`: the critic's one pass already ran, `_critic_first`, and only its optimizer step is left).
+    Returns the mean statistics."""
     per_process = config.minibatch_size // world
     generator = torch.Generator().manual_seed(config.seed * 7919 + step)
     totals: dict[str, float] = {}
@@ -610,7 +633,9 @@ def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Traina
             stats = {"weight": float(weights[minibatch].sum())}  # the critic's stats' weight if the actor sits out
             if actor is not None:
                 stats = _actor_minibatch(batch, kept, minibatch, weights, config, actor, reference, device, world)
-            if critic is not None:
+            if critic_stats is not None:
+                stats.update(critic_stats)
+            elif critic is not None:
                 stats.update(_critic_minibatch(batch, minibatch, weights, config, critic, device))
             keys = sorted(stats)
             stats = dict(zip(keys, _all_reduce([stats[k] for k in keys], device, world), strict=True))
@@ -676,7 +701,11 @@ def _actor_minibatch(batch: Batch, kept: list[Trajectory], minibatch: list[int],
             logp_flat, entropy_flat = actor.model(ids, attention, keep)
         logp = torch.zeros(w.shape, device=device, dtype=logp_flat.dtype).masked_scatter(keep, logp_flat)
         entropy = torch.zeros(w.shape, device=device, dtype=entropy_flat.dtype).masked_scatter(keep, entropy_flat)
-        old = batch.old_logprobs[rows, :width - 1].to(device)
+        if config.one_pass:  # the pass before any weight moves: its log-probs are the old ones (ratio exactly 1)
+            old = logp.detach()
+            batch.old_logprobs[rows, :width - 1] = old.float().cpu()
+        else:
+            old = batch.old_logprobs[rows, :width - 1].to(device)
         adv = batch.advantages[rows, :width - 1].to(device)
         pg, stats = _weighted(core.policy_loss(logp, old, adv, w, config.clip_low, config.clip_high,
                                                config.dual_clip), w)
@@ -720,8 +749,18 @@ def _world_model_loss(kept: list[Trajectory], minibatch: list[int], config: RLCo
     return nll_sum / total
 
 
+def _critic_first(batch: Batch, minibatch: list[int], config: RLConfig, critic: Trainable, device: Any,
+                  world: int) -> dict[str, float]:
+    """The critic's one pass when the update is one pass (`RLConfig.one_pass`): its forward gives the old values,
+    from which each micro-batch's rows get their advantages and returns before the value loss's backward (GAE is
+    per row). Fills `batch.values`, `.advantages` and `.returns`; returns the critic's statistics."""
+    batch.values, batch.advantages, batch.returns = (torch.zeros_like(batch.mask) for _ in range(3))
+    weights = token_weights(batch.mask, minibatch, config.loss_agg, device, world)
+    return _critic_minibatch(batch, minibatch, weights, config, critic, device, first=True)
+
+
 def _critic_minibatch(batch: Batch, minibatch: list[int], weights: torch.Tensor, config: RLConfig,
-                      critic: Trainable, device: Any) -> dict[str, float]:
+                      critic: Trainable, device: Any, first: bool = False) -> dict[str, float]:
     sums = {"losses/value_loss": 0.0, "losses/value_clipfrac": 0.0}
     for idx in critic.in_lockstep(batch.micro(minibatch, config)):
         ids, attention, keep, width = batch.rows(idx, device)
@@ -730,6 +769,12 @@ def _critic_minibatch(batch: Batch, minibatch: list[int], weights: torch.Tensor,
         with critic.autocast():
             values_flat = critic.model(ids, attention, keep)
         values = torch.zeros(w.shape, device=device, dtype=values_flat.dtype).masked_scatter(keep, values_flat)
+        if first:  # these are the old values: the rows' advantages and returns follow from them
+            old_values = values.detach().float().cpu()
+            batch.values[rows, :width - 1] = old_values
+            advantages, returns = advantages_from_values(batch.rewards[rows, :width - 1], old_values,
+                                                         batch.mask[rows, :width - 1], config)
+            batch.advantages[rows, :width - 1], batch.returns[rows, :width - 1] = advantages, returns
         old = batch.values[rows, :width - 1].to(device)
         returns = batch.returns[rows, :width - 1].to(device)
         loss, stats = _weighted(core.value_loss(values, old, returns, w, config.value_clip), w)
