@@ -63,7 +63,7 @@ def plans(data: dict, steps: int) -> dict[str, tuple[list, list[list[list[int]]]
     from spa_rl.sft import SFTConfig, epoch_batches
     from spa_rl.training import micro_batches
 
-    cfg = SFTConfig(data="", out="")
+    cfg = SFTConfig(data="", out="", micro_batch_tokens=4096)  # the bound before memory sizing (0 now: sized)
     packed, per_turn = data["packed"], data["per-turn"]
 
     def cut(seqs: list, idx: list[int]) -> list[list[int]]:

@@ -498,3 +498,10 @@ def test_training_with_the_hf_generate_backend(tiny_model_dir, tmp_path):
     assert result["steps"] == 1
     (row,) = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "losses/policy_loss" in r]
     assert row["rollout/response_tokens"] > 0
+
+
+def test_a_micro_batch_that_cannot_fit_in_memory_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    with pytest.raises(SpaError, match=r"spa train: micro-batches of 1,000,000,000,000 tokens need about .* GiB.*"
+                                       r"more than the .* GiB available"):
+        train_rl(_config(tmp_path / "run", tiny_model_dir, micro_batch_tokens=10**12), quiet=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -16,6 +16,7 @@ LoRA). It must never train on a token outside the assistant turn.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from spa_rl.training import (
     resolve_precision,
     save_model,
 )
+from spa_rl.training.memory import activation_bytes_per_token, model_state_bytes, plan_micro_batch_tokens
 from spa_rl.training.precision import check_dtype
 
 LOSSES = ("full", "masked")
@@ -94,10 +96,14 @@ class SFTConfig(Seeded):
     the batch holds at least this many turns."""
     micro_batch_size: int = setting(4, ge=1)
     """At most this many sequences per forward/backward pass (gradient accumulation makes up the global batch)."""
-    micro_batch_tokens: int = setting(4096, ge=0)
-    """At most this many tokens (padding included) per pass, which bounds activation memory (0: no bound).
+    micro_batch_tokens: int = setting(0, ge=0)
+    """At most this many tokens (padding included) per pass, which bounds activation memory (0: the most whose
+    estimated peak fits --memory-gib; a setting that cannot fit the memory available is refused).
 
     Packed trajectories are long, and four 2,000-token sequences in one pass took 20 GB here."""
+    memory_gib: float = setting(0.0, ge=0)
+    """The peak memory training may reach, GiB, from which micro-batches are sized (0: the smaller of 8 GiB and
+    90% of the memory available at the start; on a GPU, 90% of its free memory)."""
     max_padding: float = setting(0.1, ge=0, le=1)
     """A micro-batch takes another sequence only while padding stays at most this share of its tokens.
 
@@ -387,6 +393,12 @@ def train_sft(config: SFTConfig, quiet: bool = False) -> dict:
     trainable = Trainable(apply_lora(for_training(lm.model), config.lora), precision, accelerator, lr=config.lr,
                           total_steps=data.total_steps, betas=config.betas, weight_decay=config.weight_decay,
                           warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm)
+    plan = plan_micro_batch_tokens(config.micro_batch_tokens, config.memory_gib, device,
+                                   model_state_bytes(trainable.model, precision),
+                                   activation_bytes_per_token(lm.model.config, precision,
+                                                              config.gradient_checkpointing), "spa sft")
+    config = dataclasses.replace(config, micro_batch_tokens=plan.tokens)
+    say(f"memory: {plan.describe()}", quiet)
     step, val = 0, None
     if resume:
         state = ckpt.load()

@@ -18,6 +18,7 @@ or plumbing SFT shares (that is `spa_rl.training`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import resource
 import time
@@ -55,6 +56,7 @@ from spa_rl.training import (
     resolve_precision,
     save_model,
 )
+from spa_rl.training.memory import activation_bytes_per_token, model_state_bytes, plan_micro_batch_tokens
 from spa_rl.training.precision import check_dtype
 
 STAGE = "train"
@@ -110,8 +112,12 @@ class RLConfig(Seeded):
     """Episodes per optimizer step (over all processes)."""
     micro_batch_size: int = setting(8, ge=1)
     """Episodes per forward/backward pass, at most (gradients accumulate to the minibatch)."""
-    micro_batch_tokens: int = setting(8192, ge=0)
-    """Tokens (padding included) per forward/backward pass, at most: bounds memory (0: no bound)."""
+    micro_batch_tokens: int = setting(0, ge=0)
+    """Tokens (padding included) per forward/backward pass, at most, which bounds the activations' memory (0: the
+    most whose estimated peak fits --memory-gib; a setting that cannot fit the memory available is refused)."""
+    memory_gib: float = setting(0.0, ge=0)
+    """The peak memory the update may reach, GiB, from which micro-batches are sized (0: the smaller of 8 GiB and
+    90% of the memory available at the start; on a GPU, 90% of its free memory)."""
     clip_low: float = setting(0.2, ge=0, lt=1)
     """PPO's ratio clip below 1: the ratio is kept above 1 - clip_low."""
     clip_high: float = setting(0.28, ge=0)
@@ -361,6 +367,15 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
         critic = Trainable(value_model.to(load_to).eval(), precision, accelerator, lr=config.critic_lr,
                            total_steps=config.steps, schedule="constant", max_grad_norm=config.max_grad_norm,
                            shard=config.shard_optimizer, shard_weights=config.shard_weights)
+    # micro-batches sized from the memory this machine has, before any work (a pass that cannot fit is refused)
+    state = (model_state_bytes(actor.model, precision) + (model_state_bytes(critic.model, precision) if critic else 0)
+             + (model_state_bytes(reference, precision, trained=False) if reference is not None else 0)
+             + (model_state_bytes(rollout_lm, precision, trained=False) if sharded else 0)) // (world if sharded else 1)
+    plan = plan_micro_batch_tokens(config.micro_batch_tokens, config.memory_gib, dev, state,
+                                   activation_bytes_per_token(lm.model.config, precision,
+                                                              config.gradient_checkpointing), "spa train")
+    config = dataclasses.replace(config, micro_batch_tokens=plan.tokens)
+    say(f"memory: {plan.describe()}", quiet or not main)
     engine = RolloutEngine(config.rollout, make_backend(config.rollout.backend, rollout_lm, tokenizer), tokenizer)
     step = 0
     if resume:
