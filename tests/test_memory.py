@@ -38,5 +38,5 @@ def test_auto_sizing_fills_the_budget_and_a_setting_that_cannot_fit_is_refused(m
     with pytest.raises(SpaError, match=r"spa train: micro-batches of 100,000 tokens need about 98\.6 GiB.*"
                                        r"set --micro-batch-tokens \d+ or less"):
         plan_micro_batch_tokens(100_000, 0, "cpu", 4 * GIB, per_token, "spa train")
-    with pytest.raises(SpaError, match="training state needs about 7.0 GiB.*--lora or --gradient-checkpointing"):
+    with pytest.raises(SpaError, match=r"training state needs about 7\.0 GiB.*--lora or --gradient-checkpointing"):
         plan_micro_batch_tokens(0, 0, "cpu", 7 * GIB, per_token, "spa sft")
