@@ -32,15 +32,17 @@ GIB = 2**30
 LAPTOP_GIB = 8.0
 """The default budget on a CPU: what a 16 GB laptop can give one process, whatever this machine has."""
 RESERVE_GIB = 1.5
-"""Interpreter, libraries, tokenizer, rollout engine and allocator slack (measured: 1.2-1.4 GiB with the
-embedded model before training starts)."""
-ACTIVATION_FACTORS = (18.0, 4.0)
+"""Interpreter, libraries, tokenizer, what generation leaves behind and the allocator's slack: measured with the
+embedded model, `spa train` holds 6.0 GiB at its second update before any pass, against 5.0 of models estimated
+(the first update holds less: AdamW's moments appear at its end)."""
+ACTIVATION_FACTORS = (23.0, 5.0)
 """Values kept for the backward pass per token and layer, in units of (hidden size, MLP width) elements at the
-compute precision: fitted to SmolLM2-135M with PyTorch's SDPA in bf16 (measured 1.1 MB a token against 1.09
-estimated; in fp32 1.6 against 2.2: the estimate errs on the safe side; docs/benchmarks.md, "Memory")."""
-CHECKPOINT_FACTOR = 6.0
+compute precision: fitted to `spa train`'s peaks with SmolLM2-135M in bf16 with PyTorch's SDPA, 1.35-1.4 MB a
+token (a pass alone measured 1.1 MB; the trainer holds more: padding, its batch, the allocator's slack; in fp32
+the estimate is 2.7 MB against 1.6 measured for a pass alone; docs/benchmarks.md, "Memory")."""
+CHECKPOINT_FACTOR = 8.0
 """With gradient checkpointing: values kept per token and layer in units of the hidden size (the layer's input
-and what the recomputation holds; measured 0.33 MB a token against 0.34 estimated)."""
+and what the recomputation holds; 0.42 MB a token estimated, 0.33 measured for a pass alone)."""
 MIN_TOKENS = 256
 
 
