@@ -202,7 +202,7 @@ def test_lean_decoder_groups_of_copies_match_a_fresh_forward_pass(tokenizer, mon
 
 def test_lean_decoder_follows_weight_updates_and_declines_unknown_models(tokenizer):
     """Every way a trainer changes weights (a fused optimizer step, `.data` writes, LoRA wrapping after the
-    backend exists) is seen by the next generation call."""
+    backend exists, adapters switched off) is seen by the next generation call."""
     from peft import LoraConfig, get_peft_model
 
     from spa_rl.generation.lean import LeanDecoder
@@ -233,10 +233,21 @@ def test_lean_decoder_follows_weight_updates_and_declines_unknown_models(tokeniz
     opt.step()
     model.eval()
     assert check_against_plain_forward() != after
-    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # wraps in place
-    assert not LeanDecoder.supports(model) and LeanDecoder.build(lora) is None
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"])).eval()
+    with torch.no_grad():  # PEFT starts B at zero: an adapter that changes nothing would hide a missed update
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    # wrapped in place: the backend built on the base model, and one on the PEFT model, fold the adapters in
+    assert LeanDecoder.supports(model) and LeanDecoder.build(lora) is not None
+    with_adapter = check_against_plain_forward()
+    with lora.disable_adapter():
+        without = check_against_plain_forward()
+    assert without != with_adapter, "the adapters changed the model, and the lean step saw it"
+    peft_backend = KVCacheBackend(lora, tokenizer)
+    got = peft_backend.generate(prompt, config)[0]
     backend.reset()
-    assert backend.generate(prompt, config)[0].token_ids  # falls back to the model's own forward
+    assert peft_backend._lean is not None and got.token_ids == backend.generate(prompt, config)[0].token_ids
     assert LeanDecoder.build(torch.nn.Module()) is None
     from peft import inject_adapter_in_model
 

@@ -103,7 +103,7 @@ class SFTConfig(Seeded):
     Packed trajectories are long, and four 2,000-token sequences in one pass took 20 GB here."""
     memory_gib: float = setting(0.0, ge=0)
     """The peak memory training may reach, GiB, from which micro-batches are sized (0: the smaller of 8 GiB and
-    90% of the memory available at the start; on a GPU, 90% of its free memory)."""
+    nine tenths of the memory available at the start; on a GPU, nine tenths of its free memory)."""
     max_padding: float = setting(0.1, ge=0, le=1)
     """A micro-batch takes another sequence only while padding stays at most this share of its tokens.
 

@@ -172,6 +172,40 @@ def cache_rows(cl: Any, lean: LeanLayer | None, index: torch.Tensor | None, used
     return keys, values
 
 
+def _unwrap(model: Any) -> Any:
+    """The causal LM inside a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_lora(layer: Any) -> bool:
+    """Whether `layer` is PEFT's LoRA `Linear` over a plain `nn.Linear` (not DoRA, not another adapter type)."""
+    kind = type(layer)
+    return (kind.__name__ == "Linear" and kind.__module__.startswith("peft.")
+            and type(getattr(layer, "base_layer", None)) is torch.nn.Linear and hasattr(layer, "lora_A")
+            and not any(getattr(layer, "use_dora", {}).values()) and not getattr(layer, "fan_in_fan_out", False))
+
+
+def _bias(layer: Any) -> torch.Tensor | None:
+    return (layer.base_layer if _is_lora(layer) else layer).bias
+
+
+def _weight(layer: Any) -> torch.Tensor:
+    """The weight a linear layer applies: a LoRA layer's base weight plus its active adapters' B @ A x scaling
+    (summed in fp32, then rounded once to the weight's dtype), unless merged or disabled. The layers run in eval
+    mode, so the adapters' dropout is the identity."""
+    if not _is_lora(layer):
+        return layer.weight
+    weight = layer.base_layer.weight
+    if layer.merged or layer.disable_adapters:
+        return weight
+    total = weight.float()
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            a, b = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
+            total = total + layer.scaling[name] * (b @ a)
+    return total.to(weight.dtype)
+
+
 class LeanDecoder:
     """Decode one token per row with a model's own weights and a `transformers.StaticCache`."""
 
@@ -189,7 +223,9 @@ class LeanDecoder:
 
     @staticmethod
     def supports(model: Any) -> bool:
-        """Whether `model` is, right now, exactly a plain supported architecture (no LoRA layers, no hooks)."""
+        """Whether `model` is, right now, exactly a plain supported architecture (no hooks; LoRA adapters only on
+        the decoder's linear layers, whose update is folded into the decode weights: `_weight`)."""
+        model = _unwrap(model)
         cfg = getattr(model, "config", None)
         if cfg is None or getattr(cfg, "model_type", None) not in _SUPPORTED:
             return False
@@ -207,9 +243,9 @@ class LeanDecoder:
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
             linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-            if any(type(x) is not torch.nn.Linear for x in linears) or a.o_proj.bias is not None:
+            if any(type(x) is not torch.nn.Linear and not _is_lora(x) for x in linears):
                 return False
-            if m.gate_proj.bias is not None or m.up_proj.bias is not None or m.down_proj.bias is not None:
+            if any(_bias(x) is not None for x in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj)):
                 return False
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 if not hasattr(norm, "variance_epsilon") or type(norm).__name__ not in (
@@ -233,9 +269,10 @@ class LeanDecoder:
         self.release()
         if not self.supports(self.model):
             return False
-        self.inner = self.model.model
+        base = _unwrap(self.model)
+        self.inner = base.model
         self.layers = list(self.inner.layers)
-        head = self.model.lm_head
+        head = base.lm_head
         where = (head.weight.device, head.weight.dtype)
         if where not in self._prepack_ok:  # the probe's answer does not change between calls
             self._prepack_ok[where] = self._can_prepack(head.weight, batch)
@@ -244,13 +281,13 @@ class LeanDecoder:
         with torch.no_grad():
             for layer in self.layers:
                 a, m = layer.self_attn, layer.mlp
-                wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0)
+                wqkv = torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)], 0)
                 bias = None
-                if a.q_proj.bias is not None:
-                    bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], 0).contiguous()
-                wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight], 0)
-                fused.append((self._pack(wqkv, batch), bias, self._pack(a.o_proj.weight, batch), self._pack(wgu, batch),
-                              self._pack(m.down_proj.weight, batch)))
+                if _bias(a.q_proj) is not None:
+                    bias = torch.cat([_bias(a.q_proj), _bias(a.k_proj), _bias(a.v_proj)], 0).contiguous()
+                wgu = torch.cat([_weight(m.gate_proj), _weight(m.up_proj)], 0)
+                fused.append((self._pack(wqkv, batch), bias, self._pack(_weight(a.o_proj), batch),
+                              self._pack(wgu, batch), self._pack(_weight(m.down_proj), batch)))
             self._head = (self._pack(head.weight, batch), head.bias)
         self._fused = fused
         return True

@@ -117,7 +117,7 @@ class RLConfig(Seeded):
     most whose estimated peak fits --memory-gib; a setting that cannot fit the memory available is refused)."""
     memory_gib: float = setting(0.0, ge=0)
     """The peak memory the update may reach, GiB, from which micro-batches are sized (0: the smaller of 8 GiB and
-    90% of the memory available at the start; on a GPU, 90% of its free memory)."""
+    nine tenths of the memory available at the start; on a GPU, nine tenths of its free memory)."""
     clip_low: float = setting(0.2, ge=0, lt=1)
     """PPO's ratio clip below 1: the ratio is kept above 1 - clip_low."""
     clip_high: float = setting(0.28, ge=0)
