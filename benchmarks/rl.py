@@ -46,7 +46,7 @@ def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 10) -> float:
 
 
 def worker(phase: str, puzzles: int, samples: int, steps: int, new_tokens: int, advantage: str = "gae",
-           lora: bool = False) -> dict:
+           lora: bool = False, micro_tokens: int = 0) -> dict:
     import torch
 
     from spa_rl.io import read_jsonl
@@ -74,7 +74,7 @@ def worker(phase: str, puzzles: int, samples: int, steps: int, new_tokens: int, 
                                    samples_per_puzzle=samples, keep_ratio=1.0, minibatch_size=puzzles * samples,
                                    max_new_tokens=new_tokens, eval_every=0, eval_before=False, eval_puzzles=1,
                                    eval_samples=1, tensorboard=False, save_every=0, skip_uniform_steps=False,
-                                   advantage=advantage, lora=lora)
+                                   advantage=advantage, lora=lora, micro_batch_tokens=micro_tokens)
             train_rl(config, quiet=True)
             rows = [r for r in read_jsonl(f"{out}/metrics.jsonl") if "time/update" in r]
             params = sum(p.numel() for p in load_model(dtype="fp32").model.parameters())
@@ -90,9 +90,10 @@ def worker(phase: str, puzzles: int, samples: int, steps: int, new_tokens: int, 
 
 
 def run(phase: str, puzzles: int, samples: int, steps: int, new_tokens: int, advantage: str = "gae",
-        lora: bool = False) -> dict:
+        lora: bool = False, micro_tokens: int = 0) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", phase, str(puzzles), str(samples), str(steps),
-                          str(new_tokens), advantage, str(int(lora))], capture_output=True, text=True, check=True)
+                          str(new_tokens), advantage, str(int(lora)), str(micro_tokens)], capture_output=True,
+                         text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -103,13 +104,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="4x4,8x4,4x8", help="puzzles x samples per step (default 4x4,8x4,4x8)")
     parser.add_argument("--advantage", default="gae", help="gae (PPO with the critic, default), grpo, bi-level-gae")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (actor and critic) instead")
+    parser.add_argument("--micro-batch-tokens", type=int, default=0,
+                        help="tokens per forward/backward pass (default 0: sized from memory, as spa train does)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the engine-alone baseline")
-    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        phase, puzzles, samples, steps, new_tokens, advantage, lora = args.worker
+        phase, puzzles, samples, steps, new_tokens, advantage, lora, micro_tokens = args.worker
         print(json.dumps(worker(phase, int(puzzles), int(samples), int(steps), int(new_tokens), advantage,
-                                bool(int(lora)))))
+                                bool(int(lora)), int(micro_tokens))))
         return
     import torch
 
@@ -118,11 +121,12 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, native bf16 (AVX-512 BF16 or AMX): {cpu_supports_bf16()}; Sokoban, "
           f"{args.new_tokens} new tokens, {args.steps} steps per size, every group kept, advantage {args.advantage}"
-          f"{', LoRA' if args.lora else ''}")
+          f"{', LoRA' if args.lora else ''}, micro-batch tokens {args.micro_batch_tokens or 'sized from memory'}")
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     for puzzles, samples in sizes:
         base = None if args.no_baseline else run("episodes", puzzles, samples, 1, args.new_tokens)
-        got = run("train", puzzles, samples, args.steps, args.new_tokens, args.advantage, args.lora)
+        got = run("train", puzzles, samples, args.steps, args.new_tokens, args.advantage, args.lora,
+                  args.micro_batch_tokens)
         peak = matmul_peak(got["precision"])
         print(f"{puzzles} puzzles x {samples} samples ({got['precision']}, peak {peak / 1e9:.0f} GFLOP/s, "
               f"{got['peak_rss_gib']:.2f} GiB peak RSS; the process's CPU time {got['cpu_user_s']:.0f} s user, "
