@@ -54,6 +54,7 @@ from spa_rl.training import (
     resolve_precision,
     save_model,
 )
+from spa_rl.training.logprobs import token_logprobs
 from spa_rl.training.memory import activation_bytes_per_token, model_state_bytes, plan_micro_batch_tokens
 from spa_rl.training.precision import check_dtype
 
@@ -330,11 +331,12 @@ def batches_on(sequences: list[tuple[list[int], list[int]]], idx: list[int], con
 
 def token_nll_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over the batch's loss tokens, and their count (`models.next_token_logits`
-    applies the output projection to the loss positions only)."""
+    applies the output projection to the loss positions only; `token_logprobs` never holds their
+    logits whole in fp32, which cross-entropy did three times over)."""
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    logits = next_token_logits(model, batch["input_ids"], batch["attention_mask"], keep).float()
-    return torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
+    logits = next_token_logits(model, batch["input_ids"], batch["attention_mask"], keep)
+    return -token_logprobs(logits, labels[keep]).sum(), int(keep.sum())
 
 
 def sft_step(trainable: Trainable, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:

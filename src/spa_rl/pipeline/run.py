@@ -13,7 +13,8 @@ the format zero-shot gets some reward in every arm while learning no dynamics; w
 instead, the 135M model never learned to close the tags), `data/` (self-play), `sft/` (world-model SFT), `rl/`
 (PPO), `eval/` (the final model on the validation puzzles), `imagine/` (open-loop world-model accuracy,
 world-model arms only), then `novelty.json` (held-out novelty under each stage's model), `times.json` (wall
-seconds per stage, summed over resumed invocations) and `report.html`. A stage that fails leaves the earlier ones
+seconds per stage, summed over resumed invocations), `memory.json` (each stage's peak resident memory, GiB) and
+`report.html`. A stage that fails leaves the earlier ones
 intact; rerunning the command starts from it. This module must never train or
 play itself: it only chains the stages and fills in the paths between them.
 """
@@ -39,6 +40,7 @@ from spa_rl.progress import say
 from spa_rl.rl.trainer import RLConfig, train_rl
 from spa_rl.rollout import RolloutConfig
 from spa_rl.sft import SFTConfig, train_sft
+from spa_rl.training.memory import peak_rss_bytes, reset_peak_rss
 from spa_rl.training.precision import native_bf16
 
 STAGE = "run"
@@ -230,9 +232,12 @@ def run_pipeline(config: RunConfig, quiet: bool = False) -> Path:
     model = config.model.model
     times_path = root / "times.json"
     times = read_json(times_path, "stage times (delete it to start the count afresh)") if times_path.is_file() else {}
+    memory_path = root / "memory.json"  # each stage's peak resident memory, GiB (the last invocation's)
+    peaks = read_json(memory_path, "stage memory (delete it)") if memory_path.is_file() else {}
     for k, stage in enumerate(plan, 1):
         say(f"[{k}/{len(plan)}] {stage}: {_what(stage, config)}", quiet)
         started = time.perf_counter()
+        reset_peak_rss()
         if stage == "warm-start":
             collect(stage_config(config, "warm_collect", root, model), quiet=quiet)
             train_sft(stage_config(config, "warm_sft", root, model), quiet=quiet)
@@ -251,6 +256,8 @@ def run_pipeline(config: RunConfig, quiet: bool = False) -> Path:
             imagine(stage_config(config, "imagine", root, model), quiet=quiet)
         times[stage] = times.get(stage, 0.0) + time.perf_counter() - started  # summed over resumed invocations
         atomic_write_json(times_path, times)
+        peaks[stage] = round(peak_rss_bytes() / 2**30, 2)
+        atomic_write_json(memory_path, peaks)
     models = _stage_models(config, root)
     if not (root / "novelty.json").is_file():  # how familiar validation states are to each stage's model
         say(f"held-out novelty of {len(models)} models", quiet)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spa_rl.models import decoder_mask, next_token_logits
-from spa_rl.rl.core import token_logprobs_and_entropy
+from spa_rl.training.logprobs import token_logprobs_and_entropy
 
 VALUE_HEAD = "value_head.safetensors"
 

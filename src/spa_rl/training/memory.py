@@ -68,6 +68,31 @@ class MemoryPlan:
         return self.state + tokens * self.per_token + RESERVE_GIB * GIB
 
 
+def reset_peak_rss() -> bool:
+    """Start a new count for `peak_rss_bytes` (Linux: writing 5 to /proc/self/clear_refs resets VmHWM); False
+    where that cannot be done (the peak then counts from the process's start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since the last `reset_peak_rss` (or its start)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def available_bytes(device: str) -> int:
     """Memory this process can still take on `device`: a GPU's free memory, or the system's available memory
     (Linux `MemAvailable`; elsewhere half the physical memory, a guess that errs on the safe side)."""
