@@ -40,7 +40,7 @@ from spa_rl.progress import say
 from spa_rl.rl.trainer import RLConfig, train_rl
 from spa_rl.rollout import RolloutConfig
 from spa_rl.sft import SFTConfig, train_sft
-from spa_rl.training.memory import peak_rss_bytes, reset_peak_rss
+from spa_rl.training.memory import peak_rss_bytes, release_free_memory, reset_peak_rss
 from spa_rl.training.precision import native_bf16
 
 STAGE = "run"
@@ -237,9 +237,11 @@ def run_pipeline(config: RunConfig, quiet: bool = False) -> Path:
     for k, stage in enumerate(plan, 1):
         say(f"[{k}/{len(plan)}] {stage}: {_what(stage, config)}", quiet)
         started = time.perf_counter()
+        release_free_memory()  # what the stage before freed goes back to the system, not into this stage's peak
         reset_peak_rss()
         if stage == "warm-start":
             collect(stage_config(config, "warm_collect", root, model), quiet=quiet)
+            release_free_memory()
             train_sft(stage_config(config, "warm_sft", root, model), quiet=quiet)
             model = str(root / "warm-start" / "sft" / "model")
         elif stage == "collect":

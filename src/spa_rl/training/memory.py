@@ -31,10 +31,11 @@ from spa_rl.training.precision import Precision
 GIB = 2**30
 LAPTOP_GIB = 8.0
 """The default budget on a CPU: what a 16 GB laptop can give one process, whatever this machine has."""
-RESERVE_GIB = 1.5
+RESERVE_GIB = 2.0
 """Interpreter, libraries, tokenizer, what generation leaves behind and the allocator's slack: measured with the
 embedded model, `spa train` holds 6.0 GiB at its second update before any pass, against 5.0 of models estimated
-(the first update holds less: AdamW's moments appear at its end)."""
+(the first update holds less: AdamW's moments appear at its end); in `spa run`, world-model SFT after self-play
+peaked at 8.6 GiB in a plan of 8.0 made with a reserve of 1.5 (2026-12-07), hence 2.0."""
 ACTIVATION_FACTORS = (23.0, 5.0)
 """Values kept for the backward pass per token and layer, in units of (hidden size, MLP width) elements at the
 compute precision: fitted to `spa train`'s peaks with SmolLM2-135M in bf16 with PyTorch's SDPA, 1.35-1.4 MB a
@@ -66,6 +67,23 @@ class MemoryPlan:
 
     def peak(self, tokens: int) -> float:
         return self.state + tokens * self.per_token + RESERVE_GIB * GIB
+
+
+def release_free_memory() -> bool:
+    """Hand memory that Python and the allocator hold but no longer use back to the operating system (a garbage
+    collection, then glibc's `malloc_trim`): between stages of one process, so that a stage starts from what it
+    needs rather than from the high-water mark of the stage before. False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def reset_peak_rss() -> bool:
