@@ -35,7 +35,7 @@ def test_auto_sizing_fills_the_budget_and_a_setting_that_cannot_fit_is_refused(m
     bigger = plan_micro_batch_tokens(0, 16, "cpu", 4 * GIB, per_token, "spa train")
     assert bigger.tokens > plan.tokens and bigger.peak(bigger.tokens) <= 16 * GIB
     assert plan_micro_batch_tokens(5000, 0, "cpu", 4 * GIB, per_token, "spa train").tokens == 5000
-    with pytest.raises(SpaError, match=r"spa train: micro-batches of 100,000 tokens need about 99\.1 GiB.*"
+    with pytest.raises(SpaError, match=r"spa train: micro-batches of 100,000 tokens need about 99\.6 GiB.*"
                                        r"set --micro-batch-tokens \d+ or less"):
         plan_micro_batch_tokens(100_000, 0, "cpu", 4 * GIB, per_token, "spa train")
     with pytest.raises(SpaError, match=r"training state needs about 7\.0 GiB.*--lora or --gradient-checkpointing"):

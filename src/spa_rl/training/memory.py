@@ -1,6 +1,6 @@
 """How much memory training needs, and how many tokens one forward/backward pass may hold on this machine.
 
-Every stage that trains sizes its micro-batches here (`plan_micro_batch_tokens`) before any model is loaded: a
+Every stage that trains sizes its micro-batches here (`plan_micro_batch_tokens`) before any pass: a
 setting that cannot fit is refused with the estimate and the flag that fixes it, instead of being killed by the
 kernel half an hour in. The estimate is a formula over the model's shape, not a measurement of the run:
 
@@ -31,11 +31,13 @@ from spa_rl.training.precision import Precision
 GIB = 2**30
 LAPTOP_GIB = 8.0
 """The default budget on a CPU: what a 16 GB laptop can give one process, whatever this machine has."""
-RESERVE_GIB = 2.0
+RESERVE_GIB = 2.5
 """Interpreter, libraries, tokenizer, what generation leaves behind and the allocator's slack: measured with the
 embedded model, `spa train` holds 6.0 GiB at its second update before any pass, against 5.0 of models estimated
-(the first update holds less: AdamW's moments appear at its end); in `spa run`, world-model SFT after self-play
-peaked at 8.6 GiB in a plan of 8.0 made with a reserve of 1.5 (2026-12-07), hence 2.0."""
+(the first update holds less: AdamW's moments appear at its end). A stage that follows another in one process
+(`spa run`) starts from a fragmented heap even after `release_free_memory`: world-model SFT after self-play peaked
+at 8.6 GiB in a plan of 8.0 made with a reserve of 1.5, and at 8.01 with 2.0, where the same SFT as the first
+stage (the format warm start) peaked at 7.0 (2026-12-07, AMX machine); hence 2.5."""
 ACTIVATION_FACTORS = (23.0, 5.0)
 """Values kept for the backward pass per token and layer, in units of (hidden size, MLP width) elements at the
 compute precision: fitted to `spa train`'s peaks with SmolLM2-135M in bf16 with PyTorch's SDPA, 1.35-1.4 MB a
