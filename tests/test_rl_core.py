@@ -18,6 +18,7 @@ from spa_rl.rl.core import (
     kl_penalty,
     masked_whiten,
     policy_loss,
+    truncated_is_weights,
     turn_ends,
     value_loss,
 )
@@ -119,6 +120,24 @@ def test_policy_loss_at_ratio_one_is_minus_the_mean_advantage():
     adv, mask = T([[2.0, -1.0, 5.0]]), T([[1.0, 1.0, 0.0]])
     loss, stats = policy_loss(logp, logp, adv, mask)
     assert loss.item() == pytest.approx(-0.5) and stats["clipfrac"] == 0 and stats["approx_kl"] == 0
+
+
+def test_truncated_importance_weights_by_hand():
+    # the trainer's probabilities over the sampler's: 0.5/0.25 = 2, 0.2/0.4 = 0.5, 0.9/0.1 = 9 (capped at 2);
+    # the last token was not sampled (mask 0): weight 1 whatever the ratio
+    old, rollout = torch.log(T([[0.5, 0.2, 0.9, 0.9]])), torch.log(T([[0.25, 0.4, 0.1, 0.01]]))
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    old.requires_grad_(True)
+    w, stats = truncated_is_weights(old, rollout, mask, cap=2.0)
+    assert w.tolist()[0] == pytest.approx([2.0, 0.5, 2.0, 1.0]) and not w.requires_grad
+    assert stats["tis_mean"].item() == pytest.approx(4.5 / 3) and stats["tis_clipfrac"].item() == pytest.approx(1 / 3)
+    # weighting the advantages weights the clipped loss token by token (a positive constant per token)
+    logp = old.detach() + T([[0.1, -0.1, 0.0, 0.0]])
+    adv = T([[1.0, -1.0, 1.0, 1.0]])
+    weighted, _ = policy_loss(logp, old.detach(), adv * w, mask, dual_clip=None, agg="token-mean")
+    per_token = [max(-a * r, -a * min(max(r, 0.8), 1.28)) for a, r in ((1, math.exp(0.1)), (-1, math.exp(-0.1)),
+                                                                       (1, 1.0))]
+    assert weighted.item() == pytest.approx((2 * per_token[0] + 0.5 * per_token[1] + 2 * per_token[2]) / 3)
 
 
 def test_value_loss_with_clipping():

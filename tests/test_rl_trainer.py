@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from spa_rl.cli import main
 from spa_rl.errors import SpaError
 from spa_rl.io import read_jsonl
 from spa_rl.rl.episodes import build_trajectory, system_prefix_length
-from spa_rl.rl.trainer import RLConfig, train_rl
+from spa_rl.rl.trainer import Batch, RLConfig, train_rl
 
 SMALL = dict(env="frozenlake-det", puzzles_per_step=4, samples_per_puzzle=2, keep_ratio=1.0, minibatch_size=4,
              micro_batch_size=2, max_new_tokens=6, eval_puzzles=2, eval_samples=2, eval_every=0, dtype="fp32",
@@ -505,3 +506,34 @@ def test_a_micro_batch_that_cannot_fit_in_memory_is_refused_before_any_work(tiny
                                        r"more than the .* GiB available"):
         train_rl(_config(tmp_path / "run", tiny_model_dir, micro_batch_tokens=10**12), quiet=True)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_truncated_importance_sampling_weights_the_update_by_the_samplers_gap(tiny_model_dir, tmp_path, monkeypatch):
+    """`--tis-cap`: with a sampler whose probabilities are half the trainer's on every sampled token (the rollout
+    log-probs shifted by log 2), each token's weight is min(2, cap): the first step's policy gradient is the cap
+    times that of the same step without the correction (ratio 1 in a one-pass step); with the true
+    log-probs (fp32, the same model) the weights are 1. GRPO over scores set to vary within each group (a random
+    tiny model wins nothing), no entropy bonus: the whole gradient is the policy's."""
+    original = Batch.of
+
+    def scored(shift):
+        def of(trajectories, pad_id):
+            batch = original(trajectories, pad_id)
+            batch.scores = torch.arange(len(trajectories), dtype=batch.scores.dtype) % 2
+            batch.rollout_logprobs = batch.rollout_logprobs - shift * batch.sampled
+            return batch
+        return staticmethod(of)
+
+    settings = dict(steps=1, minibatch_size=8, skip_uniform_steps=False, eval_before=False, advantage="grpo",
+                    entropy_coef=0.0)
+    rows = {}
+    for run, shift, cap in (("plain", 0.0, 0.0), ("true", 0.0, 2.0), ("halved", math.log(2), 1.5)):
+        monkeypatch.setattr(Batch, "of", scored(shift))
+        train_rl(_config(tmp_path / run, tiny_model_dir, tis_cap=cap, **settings), quiet=True)
+        rows[run] = next(r for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "losses/policy_loss" in r)
+    plain, true, capped = rows["plain"], rows["true"], rows["halved"]
+    assert "rollout/tis_mean" not in plain and plain["losses/grad_norm"] > 1e-3
+    assert true["rollout/tis_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert true["losses/grad_norm"] == pytest.approx(plain["losses/grad_norm"], rel=1e-3)
+    assert capped["rollout/tis_mean"] == pytest.approx(1.5) and capped["rollout/tis_clipfrac"] == pytest.approx(1.0)
+    assert capped["losses/grad_norm"] == pytest.approx(1.5 * plain["losses/grad_norm"], rel=1e-3)

@@ -212,6 +212,23 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return aggregate(losses, mask, agg), stats
 
 
+def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                         cap: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance sampling (TIS) for a sampler that is not exactly the trainer. All inputs [B, T].
+
+        w = min(exp(old_logp - rollout_logp), cap)     (1 where mask is 0; no gradient)
+
+    The episodes were drawn from the rollout engine's distribution (`rollout_logprobs`, its bf16 decode), while
+    PPO's ratio is taken against the training forward's (`old_logprobs`); weighting each token's policy loss by w
+    corrects the gradient for the gap, and the cap bounds the variance a rare token could bring. Returns (w, stats):
+    `tis_mean` (mean weight over masked tokens) and `tis_clipfrac` (share of them at the cap).
+    """
+    with torch.no_grad():
+        raw = torch.exp(old_logprobs - rollout_logprobs)
+        weights = torch.where(mask > 0, raw.clamp(max=cap), torch.ones_like(raw))
+        return weights, {"tis_mean": masked_mean(weights, mask), "tis_clipfrac": masked_mean((raw > cap).float(), mask)}
+
+
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip: float | None = 0.5, agg: str = "token-mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Half the squared error of the critic, with PPO's value clipping. All inputs [B, T].

@@ -124,6 +124,10 @@ class RLConfig(Seeded):
     """PPO's ratio clip above 1 (higher than clip_low: clip-higher, more room to raise unlikely tokens)."""
     dual_clip: float | None = setting(3.0, gt=1)
     """Dual clip: for negative advantages the loss is bounded by -A * dual_clip (none: off)."""
+    tis_cap: float = setting(0.0, ge=0)
+    """Truncated importance sampling: weight each sampled token's policy loss by min(p_trainer / p_sampler, this),
+    correcting for the rollout engine's bf16 decode drawing from a slightly different distribution than the
+    training forward scores (`rollout/logprob_mismatch`); 2 is the value the field uses (0: off, the paper's)."""
     value_clip: float | None = setting(0.5, gt=0)
     """The critic's new values stay within this of the old ones in its loss (none: off)."""
     entropy_coef: float = setting(0.001, ge=0)
@@ -670,7 +674,8 @@ def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Traina
     return out
 
 
-WEIGHTED_STATS = ("losses/clipfrac", "losses/dual_clipfrac", "losses/approx_kl", "losses/value_clipfrac")
+WEIGHTED_STATS = ("losses/clipfrac", "losses/dual_clipfrac", "losses/approx_kl", "losses/value_clipfrac",
+                  "rollout/tis_mean", "rollout/tis_clipfrac")
 """Statistics summed as weight x value over micro-batches and processes, divided by the total weight."""
 
 
@@ -722,6 +727,12 @@ def _actor_minibatch(batch: Batch, kept: list[Trajectory], minibatch: list[int],
         else:
             old = batch.old_logprobs[rows, :width - 1].to(device)
         adv = batch.advantages[rows, :width - 1].to(device)
+        if config.tis_cap:  # a constant positive weight per token: scaling A scales the clipped loss alike
+            tis, tis_stats = core.truncated_is_weights(old, batch.rollout_logprobs[rows, :width - 1].to(device),
+                                                       batch.sampled[rows, :width - 1].to(device), config.tis_cap)
+            adv = adv * tis
+            for k, v in tis_stats.items():
+                add(f"rollout/{k}", float(v) * float(w.sum()))
         pg, stats = _weighted(core.policy_loss(logp, old, adv, w, config.clip_low, config.clip_high,
                                                config.dual_clip), w)
         ent = core.masked_sum(entropy, w)
