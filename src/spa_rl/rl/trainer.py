@@ -56,7 +56,12 @@ from spa_rl.training import (
     resolve_precision,
     save_model,
 )
-from spa_rl.training.memory import activation_bytes_per_token, model_state_bytes, plan_micro_batch_tokens
+from spa_rl.training.memory import (
+    activation_bytes_per_token,
+    model_state_bytes,
+    plan_micro_batch_tokens,
+    release_free_memory,
+)
 from spa_rl.training.precision import check_dtype
 
 STAGE = "train"
@@ -428,6 +433,7 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
             step += 1
             if config.eval_every and step % config.eval_every == 0 and step < config.steps and main:
                 metrics.update(evaluate_policy(engine, config, bar))
+                release_free_memory()
             log(metrics)
             bar.advance(task)
             if not math.isfinite(metrics["losses/policy_loss"]) or not math.isfinite(metrics["losses/value_loss"]):
@@ -495,6 +501,7 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
     episodes = engine.run(seeds[rank::world], group_size=config.samples_per_puzzle,
                           seed=config.seed * 1_000_003 + step * 97 + rank)
     engine.backend.reset()
+    release_free_memory()  # the rollouts' caches go back to the system before the update allocates its own
     t_generate = time.perf_counter() - t0
     generated = sum(len(t.response_ids) for e in episodes for t in e.turns)
     # 2. rewards: the environment's per turn plus the bonuses; the episodes as token sequences
