@@ -5,9 +5,10 @@
 # policy that wins some puzzles: something for RL to improve), then trained with GRPO, validating on 64 held-out
 # puzzles x 4 samples before the first step and every EVERY steps.
 #   bash scripts/rl_learns.sh                 # defaults below; settings by environment variable:
-#   SEED=1 LR=5e-6 STEPS=40 bash scripts/rl_learns.sh
+#   SEED=1 LR=5e-6 STEPS=40 PER_STEP=16 SAMPLES=8 bash scripts/rl_learns.sh
+#   EXTRA="--kl-coef 0.05" TAG=-kl bash scripts/rl_learns.sh     # any other `spa train` flags, and a name for them
 # Writes runs/learns/solver (the SFT data), runs/learns/sft-e$EPOCHS (the starting checkpoint) and
-# runs/learns/grpo-lr$LR-s$SEED (the RL run: metrics.jsonl, curves.png). Every stage resumes when rerun.
+# runs/learns/grpo-e$EPOCHS-lr$LR-p${PER_STEP}x$SAMPLES$TAG-s$SEED (the RL run: metrics.jsonl, curves.png). Every stage resumes when rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPA=".venv/bin/spa"
@@ -32,4 +33,4 @@ fi
 "$SPA" train --init "$SFT/model" --env $ENV --format plain --advantage grpo --keep-ratio 1 --seed "$SEED" \
   --steps "$STEPS" --puzzles-per-step "$PER_STEP" --samples-per-puzzle "$SAMPLES" \
   --minibatch-size $((PER_STEP * SAMPLES)) --actor-lr "$LR" --eval-every "$EVERY" --eval-puzzles 64 \
-  --eval-samples 4 --save-every 5 --out "$OUT/grpo-lr$LR-s$SEED"
+  --eval-samples 4 --save-every 5 ${EXTRA:-} --out "$OUT/grpo-e$EPOCHS-lr$LR-p${PER_STEP}x$SAMPLES${TAG:-}-s$SEED"

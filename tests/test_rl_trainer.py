@@ -537,3 +537,45 @@ def test_truncated_importance_sampling_weights_the_update_by_the_samplers_gap(ti
     assert true["losses/grad_norm"] == pytest.approx(plain["losses/grad_norm"], rel=1e-3)
     assert capped["rollout/tis_mean"] == pytest.approx(1.5) and capped["rollout/tis_clipfrac"] == pytest.approx(1.0)
     assert capped["losses/grad_norm"] == pytest.approx(1.5 * plain["losses/grad_norm"], rel=1e-3)
+
+
+@pytest.mark.parametrize("ppo_epochs", [1, 2])
+def test_an_update_raises_the_winners_log_prob_and_lowers_the_losers(tokenizer, ppo_epochs):
+    """The point of the policy gradient: after one GRPO update on a group of two episodes of the same puzzle,
+    the one that scored higher is more likely under the actor and the one that scored lower less likely (the
+    one-pass path, `ppo_epochs` 1, and the separate scoring pass, 2). A flipped sign, advantages attached to
+    the wrong rows or a mask shifted by one token fails it."""
+    from conftest import build_tiny_model
+
+    from spa_rl.rl import core
+    from spa_rl.rl.episodes import Trajectory
+    from spa_rl.rl.models import PolicyModel
+    from spa_rl.rl.trainer import score_rows, update
+    from spa_rl.training import Trainable, make_accelerator, resolve_precision
+
+    torch.manual_seed(0)
+    prompt = torch.randint(10, 500, (12,)).tolist()
+    trajectories = []
+    for score in (1.0, 0.0):
+        response = torch.randint(10, 500, (8,)).tolist()
+        mask = [0] * len(prompt) + [1] * len(response)
+        trajectories.append(Trajectory(prompt + response, mask, mask, [0.0] * len(mask), [0.0] * len(mask), 0,
+                                       score))
+    config = RLConfig.make(out="x", keep_ratio=1.0, puzzles_per_step=1, samples_per_puzzle=2, minibatch_size=2,
+                           micro_batch_size=1, advantage="grpo", dtype="fp32", ppo_epochs=ppo_epochs,
+                           entropy_coef=0.0)
+    assert config.one_pass == (ppo_epochs == 1)
+    actor = Trainable(PolicyModel(build_tiny_model(tokenizer).eval()),
+                      resolve_precision("fp32", "cpu", training=True), make_accelerator("cpu"), lr=1e-3,
+                      total_steps=ppo_epochs, schedule="constant", max_grad_norm=1e9)
+    batch = Batch.of(trajectories, pad_id=0)
+    before = score_rows(actor, batch, config, "cpu")
+    batch.old_logprobs = torch.zeros_like(batch.mask) if config.one_pass else before.clone()
+    adv = core.group_advantages(batch.scores, batch.groups, config.grpo_norm_by_std)
+    assert adv[0] > 0 > adv[1]
+    batch.advantages, batch.returns = adv[:, None] * batch.mask, torch.zeros_like(batch.mask)
+    update(batch, trajectories, config, actor, None, None, "cpu", 0, 1)
+    after = score_rows(actor, batch, config, "cpu")
+    change = ((after - before) * batch.mask).sum(-1)
+    assert change[0] > 0.05, change
+    assert change[1] < -0.05, change
