@@ -24,6 +24,7 @@ from spa_rl.cli import main
 from spa_rl.rl import core, trainer
 
 _update = trainer.update
+_group_advantages = core.group_advantages
 
 
 def _probed_update(batch, kept, config, actor, critic, reference, device, step, world, critic_stats=None):
@@ -49,8 +50,6 @@ def _probed_update(batch, kept, config, actor, critic, reference, device, step, 
 def _positive_only(scores, group_index, norm_by_std=True, eps=1e-6):
     return _group_advantages(scores, group_index, norm_by_std, eps).clamp(min=0)
 
-
-_group_advantages = core.group_advantages
 
 if __name__ == "__main__":
     trainer.update = _probed_update
