@@ -46,7 +46,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 def datasets(tokenizer) -> tuple[dict, int]:
     """Encoded sequences: packed trajectories (`spa sft`'s default) and one sequence per turn."""
     from spa_rl.collect import CollectConfig, collect
-    from spa_rl.sft import encode_conversation, encode_sample, load_dataset, pack_trajectories
+    from spa_rl.samples import encode_conversation, encode_sample, load_dataset, pack_trajectories
 
     with tempfile.TemporaryDirectory() as d:
         collect(CollectConfig.make(env="sokoban", out=d, policy="random", puzzles=12, samples=4, val_fraction=0.0),

@@ -37,8 +37,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from spa_rl.models import load_tokenizer, resolve_model_path
+    from spa_rl.samples import encode_conversation, encode_sample, load_dataset, pack_trajectories
     from spa_rl.selfplay import collect
-    from spa_rl.sft import encode_conversation, encode_sample, load_dataset, pack_trajectories
 
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m"))
     with tempfile.TemporaryDirectory() as d:

@@ -28,7 +28,7 @@ WORLD_MODEL = [("pass@1", "Pass@1"), ("format_rate", "format"), ("observation_ex
 def _with_world_model(path: Path, m: dict) -> dict:
     if "copy_exact_baseline" in m or not (path.parent / "trajectories.jsonl").is_file():
         return m
-    from spa_rl.evaluation import world_model_metrics
+    from spa_rl.metrics import world_model_metrics
 
     turns = [(t["parsed"]["observation"], t["parsed"]["prediction"], t["state_before"], t["state_after"])
              for t in _turns(path.parent)]

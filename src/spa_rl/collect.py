@@ -29,13 +29,13 @@ from spa_rl.io import atomic_write_json, atomic_write_jsonl, read_json, read_jso
 from spa_rl.models import DEFAULT_MODEL, LoadedModel, ModelConfig, load_model
 from spa_rl.novelty import state_novelty
 from spa_rl.progress import progress_bar, say
-from spa_rl.prompts import format_response
-from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine, Turn
+from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine
+from spa_rl.samples import DATASET_STAGE, episode_samples
 from spa_rl.seeds import check_training_range, training_seeds
 from spa_rl.training.precision import check_dtype
 
 DATASET_VERSION = 2
-STAGE = "collect"
+STAGE = DATASET_STAGE
 
 
 @dataclass(kw_only=True)
@@ -108,55 +108,10 @@ class CollectStats:
             setattr(self, k, getattr(self, k) + v)
 
 
-def trajectory_id(env: str, seed: int, sample: int, round_: int = 0) -> str:
-    return f"{env}/{round_}/{seed}/{sample}"
-
-
 def is_validation(traj_id: str, val_fraction: float) -> bool:
     """Deterministic split by trajectory: the same trajectory always lands on the same side."""
     h = int(hashlib.sha256(traj_id.encode()).hexdigest()[:8], 16)
     return h / 0xFFFFFFFF < val_fraction
-
-
-def rewrite_turn(turn: Turn, fmt: str, copy_prediction: bool = False) -> str:
-    """The turn's response with the true states in its tags (`copy_prediction`: the current state as the
-    prediction too), its reasoning kept, its executed actions as answer."""
-    prediction = turn.state_before if copy_prediction else turn.state_after
-    return format_response(turn.state_before, turn.parsed.reasoning, prediction, list(turn.actions), fmt)
-
-
-def episode_samples(episode: Episode, fmt: str, render: str, filter_malformed: bool, meta: dict,
-                    round_: int = 0, rewrite: bool = True, copy_prediction: bool = False) -> tuple[list[dict], int]:
-    """SFT rows of one episode and the number of turns dropped as malformed. `rewrite=False` keeps the agent's own
-    responses, beliefs included (the paper's self-belief ablation); `copy_prediction` rewrites the prediction
-    as the current state (see `CollectConfig.copy_prediction`).
-
-    A dropped turn also ends the trajectory's samples: later turns would condition on a history the model was
-    never trained to produce.
-    """
-    rows: list[dict] = []
-    history = list(episode.messages[:2])
-    tid = trajectory_id(episode.env, episode.seed, episode.sample, round_)
-    dropped = 0
-    for i, turn in enumerate(episode.turns):
-        if filter_malformed and (not turn.parsed.format_ok or not turn.actions):
-            dropped = len(episode.turns) - i
-            break
-        completion = {"role": "assistant",
-                      "content": rewrite_turn(turn, fmt, copy_prediction) if rewrite else turn.response}
-        rows.append({
-            "prompt": [dict(m) for m in history],
-            "completion": [completion],
-            "meta": {"env": episode.env, "render": render, "format": fmt, "seed": episode.seed,
-                     "sample": episode.sample, "turn": turn.turn, "trajectory": tid,
-                     "state_before": turn.state_before, "state_after": turn.state_after,
-                     "actions": list(turn.actions), "success": episode.success, "round": round_, **meta},
-        })
-        history.append(completion)
-        user_index = 2 * (i + 1) + 1  # messages: system, user, (assistant, user)*
-        if user_index < len(episode.messages):
-            history.append(dict(episode.messages[user_index]))
-    return rows, dropped
 
 
 def _row_key(row: dict) -> str:
@@ -164,7 +119,7 @@ def _row_key(row: dict) -> str:
 
 
 def manifest_of(config: CollectConfig) -> dict:
-    """The dataset's summary that readers check (`sft.load_dataset`): what was collected, and how."""
+    """The dataset's summary that readers check (`samples.load_dataset`): what was collected, and how."""
     rc = config.rollout
     return {"version": DATASET_VERSION, "env": rc.env, "render": rc.render, "format": rc.format,
             "policy": config.policy, "model": config.model.model if config.uses_model else None,

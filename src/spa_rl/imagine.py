@@ -17,9 +17,9 @@ import numpy as np
 
 from spa_rl.config import Seeded, claim_output, setting, to_dict
 from spa_rl.errors import SpaError
-from spa_rl.evaluation import cell_accuracy, normalize_state
 from spa_rl.generation import make_backend
 from spa_rl.io import atomic_write_json, atomic_write_jsonl, read_json
+from spa_rl.metrics import cell_accuracy, normalize_state
 from spa_rl.models import ModelConfig, load_model
 from spa_rl.progress import progress_bar, say
 from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine

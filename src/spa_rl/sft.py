@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,11 +25,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from spa_rl.collect import STAGE as COLLECT
-from spa_rl.config import Seeded, claim_output, setting, stage_of, to_dict
+from spa_rl.config import Seeded, claim_output, setting, to_dict
 from spa_rl.errors import SpaError
-from spa_rl.generation import stop_token_ids
-from spa_rl.io import atomic_dir, atomic_write_json, read_json, read_jsonl
+from spa_rl.io import atomic_dir, atomic_write_json, read_json
 from spa_rl.models import (
     ModelConfig,
     checkpoint_layers,
@@ -42,6 +39,7 @@ from spa_rl.models import (
 )
 from spa_rl.plots import plot_sft
 from spa_rl.progress import progress_bar, say
+from spa_rl.samples import encode_conversation, load_dataset, pack_trajectories, row_sequence
 from spa_rl.training import (
     Checkpointer,
     LogConfig,
@@ -58,9 +56,7 @@ from spa_rl.training.logprobs import token_logprobs
 from spa_rl.training.memory import activation_bytes_per_token, model_state_bytes, plan_micro_batch_tokens
 from spa_rl.training.precision import check_dtype
 
-LOSSES = ("full", "masked")
 STAGE = "sft"
-_HIDDEN = re.compile(r"<(observation|prediction)>(.*?)</\1>", re.DOTALL)
 
 
 @dataclass(kw_only=True)
@@ -130,119 +126,6 @@ class SFTConfig(Seeded):
 
 
 # ------------------------------------------------------------------------------------------ data
-def load_dataset(data_dir: str, expected_env: str | None = None) -> tuple[list[dict], list[dict], dict]:
-    """(train rows, validation rows, manifest) of a self-play dataset, checked."""
-    root = Path(data_dir)
-    manifest_path = root / "manifest.json"
-    made_by = stage_of(root) if root.is_dir() else None
-    if made_by not in (None, COLLECT):
-        raise SpaError(f"{root} holds the output of `spa {made_by}`, not a dataset: pass a directory made by "
-                       f"`spa collect`")
-    if not manifest_path.is_file():
-        if made_by == COLLECT:
-            raise SpaError(f"the collection in {root} has not finished: rerun the same `spa collect` command first")
-        raise SpaError(f"{root} is not a dataset (no manifest.json): create one with `spa collect --out {root}`")
-    manifest = read_json(manifest_path, "dataset (collect it again)")
-    if expected_env is not None and manifest.get("env") != expected_env:
-        raise SpaError(f"{root} was collected on {manifest.get('env')!r}, not {expected_env!r}: use a dataset of "
-                       f"{expected_env} or drop --env")
-    train = read_jsonl(root / "train.jsonl")
-    val = read_jsonl(root / "val.jsonl") if (root / "val.jsonl").is_file() else []
-    if not train:
-        raise SpaError(f"{root / 'train.jsonl'} has no rows: collect more data")
-    for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
-        for n, row in enumerate(rows, 1):
-            if not isinstance(row.get("prompt"), list) or not isinstance(row.get("completion"), list) \
-                    or not row["completion"] or row["completion"][-1].get("role") != "assistant":
-                raise SpaError(f"{root / name} row {n} is not a prompt/completion chat sample")
-            env = row.get("meta", {}).get("env")
-            if env is not None and env != manifest.get("env"):
-                raise SpaError(f"{root / name} row {n} is from env {env!r} but the dataset is "
-                               f"{manifest.get('env')!r}: datasets must not mix envs")
-    return train, val, manifest
-
-
-def row_sequence(row: dict) -> tuple[list[dict], list[int]]:
-    """(messages, assistant indices with loss) of one dataset row on its own: its reply gets the loss."""
-    messages = row["prompt"] + row["completion"]
-    return messages, [len(messages) - 1]
-
-
-def encode_sample(tokenizer: Any, row: dict, loss: str) -> tuple[list[int], list[int]]:
-    """(input ids, loss mask) of one sample: the mask is 1 on the assistant turn's tokens (see module doc)."""
-    messages, targets = row_sequence(row)
-    return encode_conversation(tokenizer, messages, loss, targets)
-
-
-def encode_conversation(tokenizer: Any, messages: list[dict], loss: str,
-                        targets: list[int]) -> tuple[list[int], list[int]]:
-    """(input ids, loss mask) of a chat conversation with the loss on the assistant messages at `targets`."""
-    if loss not in LOSSES:
-        raise SpaError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    mask = [0] * len(ids)
-    stop_ids = set(stop_token_ids(None, tokenizer))
-    for k in targets:
-        prompt_text = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-        turn_text = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False, add_generation_prompt=False)
-        content = messages[k]["content"]
-        if not (full_text.startswith(prompt_text) and full_text.startswith(turn_text)):
-            raise SpaError("this chat template does not render a conversation as prompt + reply; SFT needs it to")
-        start, turn_end = len(prompt_text), len(turn_text)
-        at = full_text.find(content, start, turn_end)
-        if at < 0:
-            raise SpaError("the chat template changed the assistant text; SFT needs it verbatim")
-        end = at + len(content)
-        hidden = [(m.start(2) + at, m.end(2) + at) for m in _HIDDEN.finditer(content)] if loss == "masked" else []
-        for i, (a, b) in enumerate(offsets):
-            if a < start:
-                continue
-            if a >= turn_end:  # never past this turn, even if the template's end-of-turn is not a stop token
-                break
-            if a >= end:  # after the content: the end-of-turn token(s) up to and including the stop token
-                mask[i] = 1
-                if ids[i] in stop_ids:
-                    break
-                continue
-            if any(a < h_end and b > h_start for h_start, h_end in hidden):
-                continue
-            mask[i] = 1
-    return ids, mask
-
-
-def pack_trajectories(rows: list[dict]) -> list[tuple[list[dict], list[int]]]:
-    """(messages, assistant indices with loss) per training sequence: the rows of one trajectory become one
-    sequence, the longest row's conversation with the loss on every turn that has a row of its own.
-
-    A turn's row is its conversation so far (earlier turns rewritten) plus its reply, so it is a prefix of the
-    trajectory's last row: one forward pass over the last row gives every turn's loss with the same context as
-    its own row, at a fraction of the tokens. Rows that are not such a prefix (other datasets) stay separate.
-    """
-    groups: dict[str, list[dict]] = {}
-    loose: list[tuple[list[dict], list[int]]] = []
-    for row in rows:
-        key = row.get("meta", {}).get("trajectory")
-        if key is None:
-            loose.append(row_sequence(row))
-        else:
-            groups.setdefault(key, []).append(row)
-    packed = []
-    for members in groups.values():
-        longest = max(members, key=lambda r: len(r["prompt"]) + len(r["completion"]))
-        messages, _ = row_sequence(longest)
-        targets = set()
-        for row in members:
-            conv, (last,) = row_sequence(row)
-            if conv == messages[:len(conv)]:
-                targets.add(last)
-            else:
-                loose.append((conv, [last]))
-        packed.append((messages, sorted(targets)))
-    return packed + loose
-
-
 def epoch_batches(turns: list[int], batch_size: int, seed: int) -> list[list[int]]:
     """One epoch's global batches: sequences in a seeded random order, grouped until each batch holds at least
     `batch_size` turns with loss (one sequence per turn: exactly `batch_size` sequences; packed trajectories:

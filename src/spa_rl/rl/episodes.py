@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from spa_rl.collect import episode_samples
-from spa_rl.evaluation import cell_accuracy, normalize_state
+from spa_rl.metrics import cell_accuracy, normalize_state
 from spa_rl.rollout import Episode
-from spa_rl.sft import encode_conversation, pack_trajectories
+from spa_rl.samples import encode_conversation, episode_samples, pack_trajectories
 
 
 @dataclass
@@ -74,7 +73,7 @@ def prediction_scores(episode: Episode, kind: str = "exact") -> list[float]:
 
 
 def world_model_targets(tokenizer: Any, episode: Episode, fmt: str, render: str) -> tuple[list[int], list[int]] | None:
-    """(ids, mask) of the episode rewritten with the true states, as self-play data is (`collect.episode_samples`),
+    """(ids, mask) of the episode rewritten with the true states, as self-play data is (`samples.episode_samples`),
     with the mask on the tokens inside `<observation>` and `<prediction>` only; None if its first turn is malformed.
 
     Malformed turns are dropped as `spa collect` drops them (the sequence ends before the first): their reasoning

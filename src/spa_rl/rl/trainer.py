@@ -32,9 +32,9 @@ from accelerate.utils import gather_object
 
 from spa_rl.config import Seeded, claim_output, setting, to_dict
 from spa_rl.errors import SpaError
-from spa_rl.evaluation import compute_metrics, world_model_metrics
 from spa_rl.generation import make_backend
 from spa_rl.io import atomic_dir, atomic_write_json, read_json
+from spa_rl.metrics import compute_metrics, world_model_metrics
 from spa_rl.models import ModelConfig, checkpoint_layers, for_training, load_model, pick_device
 from spa_rl.novelty import state_novelty
 from spa_rl.plots import plot_rl
