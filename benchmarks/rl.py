@@ -51,7 +51,8 @@ def worker(phase: str, puzzles: int, samples: int, steps: int, new_tokens: int, 
 
     from spa_rl.io import read_jsonl
     from spa_rl.models import load_model
-    from spa_rl.rl.trainer import RLConfig, train_rl
+    from spa_rl.rl.config import RLConfig
+    from spa_rl.rl.trainer import train_rl
     from spa_rl.training import resolve_precision
 
     result: dict = {"phase": phase, "puzzles": puzzles, "samples": samples, "threads": torch.get_num_threads()}

@@ -25,7 +25,8 @@ import torch
 
 import spa_rl.rl.trainer as trainer
 from spa_rl.generation import Generation
-from spa_rl.rl.trainer import RLConfig, train_rl
+from spa_rl.rl.config import RLConfig
+from spa_rl.rl.trainer import train_rl
 
 GOOD = "<think> <observation> x </observation> go <prediction> y </prediction> </think> <answer> {} </answer>"
 ACTIONS = ("Right", "Down", "Left", "Up")

@@ -11,8 +11,9 @@ from typing import Literal
 import pytest
 
 from spa_rl.cli import main
-from spa_rl.config import Config, add_arguments, claim_output, from_args, read_config_file, setting
+from spa_rl.config import Config, add_arguments, from_args, read_config_file, setting
 from spa_rl.errors import SpaError
+from spa_rl.outputs import claim_output
 
 
 @dataclass(kw_only=True)

@@ -18,6 +18,7 @@ from spa_rl.rl.core import (
     kl_penalty,
     masked_whiten,
     policy_loss,
+    token_weights,
     truncated_is_weights,
     turn_ends,
     value_loss,
@@ -156,6 +157,20 @@ def test_aggregations():
     assert aggregate(losses, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
     with pytest.raises(ValueError):
         aggregate(losses, mask, "mean")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_token_weights_cut_into_micro_batches_sum_to_the_minibatch_aggregate(mode):
+    """A minibatch of rows 0, 1, 3 (row 2 is another minibatch's), cut into micro-batches [0] and [1, 3]: the
+    weighted sums of the two pieces add up to `aggregate` of the three rows; row 2 weighs nothing."""
+    losses = T([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [5.0, 5.0, 5.0], [7.0, 8.0, 0.0]])
+    mask = T([[1, 1, 1], [1, 0, 0], [1, 1, 1], [1, 1, 0.0]])
+    rows = torch.tensor([0, 1, 3])
+    tokens = mask[rows].sum(-1)
+    w = token_weights(mask, rows, mode, float(tokens.sum()), float((tokens > 0).sum()))
+    assert w[2].abs().sum() == 0
+    pieces = sum(float((w[r] * losses[r]).sum()) for r in ([0], [1, 3]))
+    assert pieces == pytest.approx(aggregate(losses[rows], mask[rows], mode).item())
 
 
 def test_whitening_kl_entropy_and_explained_variance():

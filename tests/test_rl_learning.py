@@ -12,7 +12,8 @@ from conftest import collect_data, register_corridors
 
 from spa_rl import envs
 from spa_rl.io import read_jsonl
-from spa_rl.rl.trainer import RLConfig, train_rl
+from spa_rl.rl.config import RLConfig
+from spa_rl.rl.trainer import train_rl
 from spa_rl.sft import SFTConfig, train_sft
 
 

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from spa_rl.cli import main
 from spa_rl.errors import SpaError
 from spa_rl.io import read_jsonl
+from spa_rl.rl.config import RLConfig
 from spa_rl.rl.episodes import build_trajectory, system_prefix_length
-from spa_rl.rl.trainer import Batch, RLConfig, train_rl
+from spa_rl.rl.trainer import Batch, train_rl
 
 SMALL = dict(env="frozenlake-det", puzzles_per_step=4, samples_per_puzzle=2, keep_ratio=1.0, minibatch_size=4,
              micro_batch_size=2, max_new_tokens=6, eval_puzzles=2, eval_samples=2, eval_every=0, dtype="fp32",
@@ -386,7 +387,7 @@ def test_the_curiosity_bonus_pays_moves_to_unfamiliar_states_and_not_length(toke
 
     from spa_rl.models import load_model
     from spa_rl.novelty import state_novelty
-    from spa_rl.rl.trainer import per_turn_bonuses
+    from spa_rl.rl.episodes import per_turn_bonuses
     from spa_rl.rollout import RolloutEngine
 
     good = "<think> <observation> x </observation> go <prediction> y </prediction> </think> <answer> {} </answer>"
@@ -397,13 +398,16 @@ def test_the_curiosity_bonus_pays_moves_to_unfamiliar_states_and_not_length(toke
     moved = [t.state_after != t.state_before for e in episodes for t in e.turns]
     assert any(moved) and not all(moved), "the scripted play has turns that move and turns that do not"
     lm = load_model(str(tiny_model_dir), "cpu", "fp32").model
-    bonuses, stats = per_turn_bonuses(episodes, config, lm, tokenizer, "cpu", 1)
+    def novelty_of(states):
+        return state_novelty(lm, tokenizer, config.rollout, states)
+
+    bonuses, stats = per_turn_bonuses(episodes, config, novelty_of)
     centred = [v for b in bonuses for v in b["novelty"][1]]
     assert all(b["novelty"][0] == 0.5 for b in bonuses)
     assert all(v == 0 for v, m in zip(centred, moved, strict=True) if not m)
     assert sum(centred) == pytest.approx(0, abs=1e-6) and any(abs(v) > 1e-4 for v in centred)
     assert stats["rollout/moved_turns"] == pytest.approx(sum(moved) / len(moved))
-    raw, _ = per_turn_bonuses(episodes, dataclasses.replace(config, curiosity_center=False), lm, tokenizer, "cpu", 1)
+    raw, _ = per_turn_bonuses(episodes, dataclasses.replace(config, curiosity_center=False), novelty_of)
     reached = [t.state_after for e in episodes for t in e.turns]
     expected = dict(zip(reached, state_novelty(lm, tokenizer, config.rollout, reached), strict=True))
     got = [v for b in raw for v in b["novelty"][1]]

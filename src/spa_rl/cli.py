@@ -324,7 +324,7 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("world-model SFT on a self-play dataset (resumes after an interruption)",
                    "spa_rl.sft:SFTConfig", cmd_sft),
     "train": Command("RL: multi-turn PPO with a critic (or GRPO, turn-level GAE) from a checkpoint, with validation "
-                     "Pass@k and world-model accuracy during training (resumable)", "spa_rl.rl.trainer:RLConfig",
+                     "Pass@k and world-model accuracy during training (resumable)", "spa_rl.rl.config:RLConfig",
                      cmd_train, required=("env",), aliases=(("model.model", "--init"),)),
     "run": Command("the whole method, or one of its baselines and ablations, in one resumable run: a recipe (spa, "
                    "vanilla-rl, state-estimation-rl, spa-masked, spa-self-belief, spa-random-data) at a preset scale "

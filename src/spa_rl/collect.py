@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from spa_rl.config import Seeded, claim_output, setting
+from spa_rl.config import Seeded, setting
 from spa_rl.errors import SpaError
 from spa_rl.generation import make_backend
 from spa_rl.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from spa_rl.models import DEFAULT_MODEL, LoadedModel, ModelConfig, load_model
 from spa_rl.novelty import state_novelty
+from spa_rl.outputs import claim_output
 from spa_rl.progress import progress_bar, say
 from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine
 from spa_rl.samples import DATASET_STAGE, episode_samples

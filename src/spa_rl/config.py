@@ -15,15 +15,15 @@ The convention:
 - Precedence, lowest first: the dataclass defaults, `--config FILE` (TOML, or a stage's `config.json`),
   `--set KEY=VALUE` (repeatable), explicit flags. A key is a dotted path or any unique suffix of one
   (`rollout.sampling.temperature`, `sampling.temperature`, `temperature`).
-- `claim_output(dir, stage, config)`: every stage writes its resolved config to `DIR/config.json`, which also
-  marks the directory as that stage's. A rerun with the same config resumes (or finds the work finished); a
-  different stage's directory, a foreign non-empty directory, or a changed config is refused in one line.
+- A stage's output directory holds its resolved config (`spa_rl.outputs.claim_output`), against which a rerun is
+  checked (`diff`, ignoring the `volatile` settings).
 
 Why our own module instead of a library: `HfArgumentParser` reads help from field metadata, not from the
-docstrings where our fields are documented, and has no nested dataclasses; `tyro` has both, but prefixes the
-flags of nested parts (`--rollout.sampling.temperature`), so keeping the flat flags users already type
-(`--temperature`, `--no-filter`) would need an annotation on almost every field, and neither resolves TOML
-keys and overrides by unique suffix or checks a resumed directory against its stored config.
+docstrings where our fields are documented, and has no nested dataclasses. `tyro` has both (and drops the
+prefixes of nested flags with one marker), and would generate the flags; what it does not do is resolve TOML keys
+and `--set` overrides by any unique suffix of their path (`temperature` for `rollout.sampling.temperature`), nor
+give the stored config that a resumed directory is checked against. Those are most of this module, so it stays
+ours, on argparse.
 
 This module must never know about a particular stage: it only moves settings around and checks them.
 """
@@ -50,9 +50,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from spa_rl.errors import SpaError
-from spa_rl.io import PROBE_PREFIX, atomic_write_json, partial_write_prefix, read_json, writable_dir
 
-CONFIG_FILE = "config.json"
 """The file in every stage's output directory: which stage made it and its fully resolved settings."""
 
 
@@ -99,7 +97,7 @@ class Config:
                 values[_part(cls, key)] = value
             else:
                 path = resolve(cls, key)
-                values[path] = coerce(_leaf(cls, path), value, key)
+                values[path] = coerce(leaf_of(cls, path), value, key)
         return build(cls, values)
 
 
@@ -228,10 +226,6 @@ def _part(cls: type, key: str) -> tuple[str, ...]:
 
 def leaf_of(cls: type, path: tuple[str, ...]) -> Leaf:
     """The setting at `path` of `cls` (a path `resolve` returned)."""
-    return next(lf for lf in leaves(cls) if lf.path == path)
-
-
-def _leaf(cls: type, path: tuple[str, ...]) -> Leaf:
     return next(lf for lf in leaves(cls) if lf.path == path)
 
 
@@ -456,7 +450,7 @@ def read_config_file(cls: type, path: str | Path) -> dict[tuple[str, ...], Any]:
             key = f"{prefix}.{k}" if prefix else str(k)
             if isinstance(v, dict):
                 try:  # a table is either a dict-valued setting or a group of settings
-                    leaf = _leaf(cls, resolve(cls, key))
+                    leaf = leaf_of(cls, resolve(cls, key))
                     if (get_origin(_optional(leaf.type)[0]) or _optional(leaf.type)[0]) is dict:
                         out[leaf.path] = coerce(leaf, v, f"{path} key {key}")
                         continue
@@ -471,7 +465,7 @@ def read_config_file(cls: type, path: str | Path) -> dict[tuple[str, ...], Any]:
                 p = resolve(cls, key)
             except SpaError as e:
                 raise SpaError(f"{path}: {e}") from None
-            out[p] = coerce(_leaf(cls, p), v, where)
+            out[p] = coerce(leaf_of(cls, p), v, where)
 
     walk(data, "")
     return out
@@ -608,7 +602,7 @@ def args_values(args: argparse.Namespace, flags: Flags) -> dict[tuple[str, ...],
         if not sep:
             raise SpaError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sampling.temperature=0.7")
         path = resolve(cls, key)
-        values[path] = coerce(_leaf(cls, path), text, f"--set {key}")
+        values[path] = coerce(leaf_of(cls, path), text, f"--set {key}")
     for dest, path in flags.dests.items():
         if hasattr(args, dest):
             values[path] = getattr(args, dest)
@@ -616,76 +610,3 @@ def args_values(args: argparse.Namespace, flags: Flags) -> dict[tuple[str, ...],
         if path not in values:
             raise SpaError(f"missing setting {'.'.join(path)}: pass {flag} (or set it in --config)")
     return values
-
-
-# ------------------------------------------------------------------------------------------ output dirs
-@dataclass
-class Output:
-    """A stage's claimed output directory."""
-
-    path: Path
-    resumed: bool
-    """A run with the same settings had already started here."""
-    finished: bool
-    """... and it finished: nothing is left to do."""
-
-
-def stage_of(path: str | Path) -> str | None:
-    """The stage that made directory `path` (from its config.json), or None."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        return None
-    data = read_json(file, "stage's settings")
-    return data.get("stage") if isinstance(data, dict) else None
-
-
-def _scratch(name: str) -> bool:
-    """A file that claiming a directory leaves for an instant: the write probe, or the temporary sibling of an atomic
-    write of `config.json`. Under `accelerate launch` every process claims the same directory at once, and another
-    process's half-written config must not read as someone else's files."""
-    return name.startswith((PROBE_PREFIX, partial_write_prefix(CONFIG_FILE)))
-
-
-def claim_output(path: str | Path, stage: str, config: Any, done: str | None = None,
-                 command: str | None = None, path_key: str = "out") -> Output:
-    """Make `path` the output directory of `stage` run with `config`, or refuse in one line.
-
-    New or empty: `config.json` is written. Holding this stage's `config.json` with the same settings (volatile
-    ones aside): resumed, and `finished` if the file `done` exists. Holding only this stage's `config.json` (a run
-    that stopped before doing any work): taken over with the new settings. Anything else is refused: another
-    stage's output, a non-empty directory that no stage made, or this stage's work with other settings (the
-    differences are listed). Call it before any slow work, so mistakes cost nothing."""
-    from spa_rl import __version__  # (the package imports this module while it is being imported)
-
-    path = Path(path)
-    command = command or f"spa {stage}"
-    file = path / CONFIG_FILE
-    record = {"stage": stage, "spa_rl": __version__, "config": to_dict(config)}
-    if path.exists() and not path.is_dir():
-        raise SpaError(f"{path} is a file, not a directory: pass another output directory")
-    if file.is_file():
-        stored = read_json(file, "stage's settings")
-        other = stored.get("stage") if isinstance(stored, dict) else None
-        if other is None:
-            raise SpaError(f"{path} is not empty and was not made by `{command}` (its config.json is not a stage's): "
-                           f"pass a new or empty output directory")
-        if other != stage:
-            raise SpaError(f"{path} holds the output of `spa {other}`, not `{command}`: pass another output directory")
-        # the directory's own path may be spelled differently (relative, a trailing slash): not a setting
-        changes = diff(stored.get("config", {}), record["config"], volatile_paths(type(config)) | {path_key},
-                       defaults_of(type(config)))
-        started = any(p.name != CONFIG_FILE and not _scratch(p.name) for p in path.iterdir())
-        if changes and not started:  # a run that failed before doing any work: nothing to resume, nothing lost
-            atomic_write_json(file, record)
-            return Output(path, False, False)
-        if changes:
-            raise SpaError(f"{path} was made with other settings ({'; '.join(changes)}): rerun with the same settings "
-                           f"to resume it, or pass another output directory (or delete {path}) to start fresh")
-        writable_dir(path)
-        atomic_write_json(file, record)  # volatile settings (logging sinks) may have changed
-        return Output(path, True, done is not None and (path / done).exists())
-    if path.is_dir() and any(not _scratch(p.name) for p in path.iterdir()):
-        raise SpaError(f"{path} is not empty and was not made by `{command}`: pass a new or empty output directory")
-    writable_dir(path)
-    atomic_write_json(file, record)
-    return Output(path, False, False)

@@ -10,12 +10,13 @@ from typing import Literal
 
 from rich.table import Table
 
-from spa_rl.config import Seeded, claim_output, setting
+from spa_rl.config import Seeded, setting
 from spa_rl.errors import SpaError
 from spa_rl.generation import make_backend
 from spa_rl.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_rl.metrics import compute_metrics
 from spa_rl.models import DEFAULT_MODEL, ModelConfig, load_model
+from spa_rl.outputs import claim_output
 from spa_rl.progress import progress_bar, say
 from spa_rl.rollout import RolloutConfig, RolloutEngine
 from spa_rl.seeds import validation_seeds

@@ -15,12 +15,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from spa_rl.config import Seeded, claim_output, setting, to_dict
+from spa_rl.config import Seeded, setting, to_dict
 from spa_rl.errors import SpaError
 from spa_rl.generation import make_backend
 from spa_rl.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_rl.metrics import cell_accuracy, normalize_state
 from spa_rl.models import ModelConfig, load_model
+from spa_rl.outputs import claim_output
 from spa_rl.progress import progress_bar, say
 from spa_rl.rollout import Episode, RolloutConfig, RolloutEngine
 from spa_rl.seeds import validation_seeds

@@ -19,10 +19,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from spa_rl.config import stage_of
 from spa_rl.errors import SpaError
 from spa_rl.generation import stop_token_ids
 from spa_rl.io import read_json, read_jsonl
+from spa_rl.outputs import stage_of
 from spa_rl.prompts import format_response
 from spa_rl.rollout import Episode, Turn
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from spa_rl.collect import CollectConfig, collect
-from spa_rl.config import Config, claim_output, setting
+from spa_rl.config import Config, setting
 from spa_rl.io import append_jsonl, read_jsonl
 from spa_rl.models import DEFAULT_MODEL, ModelConfig, load_model
 from spa_rl.novelty import heldout_novelty
+from spa_rl.outputs import claim_output
 from spa_rl.plots import plot_rounds
 from spa_rl.seeds import check_training_range
 from spa_rl.sft import SFTConfig, train_sft

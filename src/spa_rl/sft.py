@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from spa_rl.config import Seeded, claim_output, setting, to_dict
+from spa_rl.config import Seeded, setting, to_dict
 from spa_rl.errors import SpaError
 from spa_rl.io import atomic_dir, atomic_write_json, read_json
 from spa_rl.models import (
@@ -37,6 +37,7 @@ from spa_rl.models import (
     pick_device,
     right_padded_batch,
 )
+from spa_rl.outputs import claim_output
 from spa_rl.plots import plot_sft
 from spa_rl.progress import progress_bar, say
 from spa_rl.samples import encode_conversation, load_dataset, pack_trajectories, row_sequence

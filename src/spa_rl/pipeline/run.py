@@ -29,15 +29,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from spa_rl.collect import CollectConfig, collect
-from spa_rl.config import Seeded, build, claim_output, coerce, leaf_of, resolve, setting
+from spa_rl.config import Seeded, build, coerce, leaf_of, resolve, setting
 from spa_rl.errors import SpaError
 from spa_rl.evaluation import EvalConfig, evaluate
 from spa_rl.imagine import ImagineConfig, imagine
 from spa_rl.io import atomic_write_json, read_json
 from spa_rl.models import DEFAULT_MODEL, ModelConfig, load_model, pick_device
 from spa_rl.novelty import heldout_novelty
+from spa_rl.outputs import claim_output
 from spa_rl.progress import say
-from spa_rl.rl.trainer import RLConfig, train_rl
+from spa_rl.rl.config import RLConfig
+from spa_rl.rl.trainer import train_rl
 from spa_rl.rollout import RolloutConfig
 from spa_rl.sft import SFTConfig, train_sft
 from spa_rl.training.memory import peak_rss_bytes, release_free_memory, reset_peak_rss

@@ -8,9 +8,10 @@ them and on padding.
 
 What is here: multi-turn GAE that skips the masked tokens (veRL's multi-turn GAE), group-normalised
 advantages (GRPO), turn-level ("bi-level") GAE (RAGEN's), the clipped policy loss with asymmetric and dual
-clipping, the clipped value loss, loss aggregation, the KL estimators, entropy, explained variance, and the
-within-group reward-variance filter. No maintained library offers these for multi-turn conversations without
-its whole trainer (veRL and RAGEN need Ray and CUDA), so they are written here, small and tested.
+clipping, the clipped value loss, loss aggregation (and its per-token weights for micro-batches), the KL
+estimators, entropy, explained variance, and the within-group reward-variance filter. No maintained library
+offers these for multi-turn conversations without its whole trainer (veRL and RAGEN need Ray and CUDA), so they
+are written here, small and tested.
 
 This module must never loop over anything but token positions or groups, and never change its inputs.
 """
@@ -72,6 +73,26 @@ def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     has = mask.sum(-1) > 0
     per_seq = masked_sum(losses, mask, -1) if mode == "seq-mean-token-sum" else masked_mean(losses, mask, -1)
     return per_seq[has].mean() if has.any() else losses.sum() * 0
+
+
+def token_weights(mask: torch.Tensor, rows: torch.Tensor, mode: str, total_tokens: float,
+                  total_rows: float) -> torch.Tensor:
+    """[B, T] each loss token's weight in the loss of the minibatch `rows` (indices into the batch, [M]), such that
+    sum(weight x per-token loss) over any cut of the minibatch into micro-batches (and over processes) is exactly
+    `aggregate(losses, mask, mode)` of the whole minibatch. `total_tokens`, `total_rows`: the minibatch's loss tokens
+    and its rows with at least one, counted over every process. Rows outside the minibatch weigh 0.
+    token-mean: 1 / total_tokens; seq-mean-token-sum: 1 / total_rows; seq-mean-token-mean: 1 / (total_rows x the
+    row's own loss tokens)."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}: use one of {', '.join(AGGREGATIONS)}")
+    weights = torch.zeros_like(mask)
+    if mode == "token-mean":
+        weights[rows] = mask[rows] / max(total_tokens, 1.0)
+    elif mode == "seq-mean-token-sum":
+        weights[rows] = mask[rows] / max(total_rows, 1.0)
+    else:
+        weights[rows] = mask[rows] / (mask[rows].sum(-1, keepdim=True).clamp(min=1) * max(total_rows, 1.0))
+    return weights
 
 
 # ------------------------------------------------------------------------------------------ advantages

@@ -10,13 +10,14 @@ must never run a model's backward pass or change an episode.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from spa_rl.metrics import cell_accuracy, normalize_state
+from spa_rl.rl.config import RLConfig
 from spa_rl.rollout import Episode
 from spa_rl.samples import encode_conversation, episode_samples, pack_trajectories
 
@@ -56,6 +57,33 @@ def system_prefix_length(tokenizer: Any, messages: list[dict[str, str]], ids: li
         return 0
     prefix = tokenizer(text, add_special_tokens=False)["input_ids"]
     return len(prefix) if ids[:len(prefix)] == prefix else 0
+
+
+def per_turn_bonuses(episodes: list[Episode], config: RLConfig, novelty_of: Callable[[list[str]], list[float]],
+                     reduce: Callable[[list[float]], list[float]] = lambda values: values,
+                     ) -> tuple[list[dict[str, tuple[float, list[float]]]], dict[str, float]]:
+    """For each episode, its bonuses by name: (coefficient, value per turn); and the step's statistics of them
+    (`rollout/novelty`: the mean N(s') of the turns that moved, before centering). `novelty_of`: N(s) of each state
+    (`novelty.state_novelty` with the actor); `reduce`: sums a list of numbers over every process (the identity with
+    one), so that the centring uses the mean over all of them."""
+    out: list[dict[str, tuple[float, list[float]]]] = [{} for _ in episodes]
+    stats: dict[str, float] = {}
+    if config.prediction_reward > 0:
+        for d, e in zip(out, episodes, strict=True):
+            d["prediction"] = (config.prediction_reward, prediction_scores(e, config.prediction_match))
+    if config.curiosity_coef > 0:
+        states = sorted({t.state_after for e in episodes for t in e.turns if t.state_after != t.state_before})
+        novelty = dict(zip(states, novelty_of(states), strict=True))
+        raw = [[novelty[t.state_after] if t.state_after != t.state_before else None for t in e.turns]
+               for e in episodes]
+        values = [v for r in raw for v in r if v is not None]
+        total, count, turns = reduce([sum(values), float(len(values)), float(sum(map(len, raw)))])
+        mean = total / count if count else 0.0
+        shift = mean if config.curiosity_center else 0.0
+        for d, r in zip(out, raw, strict=True):
+            d["novelty"] = (config.curiosity_coef, [0.0 if v is None else v - shift for v in r])
+        stats = {"rollout/moved_turns": count / max(turns, 1), **({"rollout/novelty": mean} if count else {})}
+    return out, stats
 
 
 def prediction_scores(episode: Episode, kind: str = "exact") -> list[float]:
