@@ -9,9 +9,10 @@ the correlation between advantage and change. Used for docs/results.md ("RL that
         --format plain --advantage grpo --keep-ratio 1 --steps 4 --puzzles-per-step 8 --samples-per-puzzle 4 \\
         --minibatch-size 32 --actor-lr 5e-5 --eval-every 0 --no-eval-before --out /tmp/probe
 
-With `--probe-positive-only` first (a diagnostic, not a trainer setting) GRPO's negative advantages are set to 0:
-only the episodes that beat their group's mean are pushed, up. It costs one extra scoring pass over the batch
-per update. Without that flag it must never change what the run trains.
+It also registers the advantage estimator `grpo-positive` (GRPO with its negative advantages set to 0: only the
+episodes that beat their group's mean are pushed, up), for `--advantage grpo-positive`; `--probe-positive-only`
+first is the same. Probing costs one extra scoring pass over the batch per update; it must never change what the
+run trains.
 """
 
 from __future__ import annotations
@@ -21,16 +22,23 @@ import sys
 import torch
 
 from spa_rl.cli import main
-from spa_rl.rl import core, trainer
+from spa_rl.rl import advantages, trainer
+from spa_rl.rl.advantages import register_advantage
 
 _update = trainer.update
-_group_advantages = core.group_advantages
 
 
-def _probed_update(batch, kept, config, actor, critic, reference, device, step, world, critic_stats=None):
-    before = trainer.score_rows(actor, batch, config, device) if actor is not None else None
-    out = _update(batch, kept, config, actor, critic, reference, device, step, world, critic_stats)
-    if actor is None:
+@register_advantage("grpo-positive", uses_critic=False)
+def grpo_positive(x, config):
+    adv, returns = advantages.grpo(x, config)
+    return adv.clamp(min=0), returns
+
+
+def _probed_update(batch, kept, config, learners, step, train_actor=True, critic_stats=None):
+    actor, device = learners.actor, learners.device
+    before = trainer.score_rows(actor, batch, config, device) if train_actor else None
+    out = _update(batch, kept, config, learners, step, train_actor, critic_stats)
+    if not train_actor:
         return out
     after = trainer.score_rows(actor, batch, config, device)
     mask = batch.mask
@@ -47,14 +55,10 @@ def _probed_update(batch, kept, config, actor, critic, reference, device, step, 
     return out
 
 
-def _positive_only(scores, group_index, norm_by_std=True, eps=1e-6):
-    return _group_advantages(scores, group_index, norm_by_std, eps).clamp(min=0)
-
-
 if __name__ == "__main__":
     trainer.update = _probed_update
     args = sys.argv[1:]
     if "--probe-positive-only" in args:
         args.remove("--probe-positive-only")
-        core.group_advantages = _positive_only
+        args += ["--advantage", "grpo-positive"]
     sys.exit(main(args))

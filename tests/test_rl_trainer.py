@@ -177,7 +177,7 @@ def test_a_minibatch_cut_into_micro_batches_gives_the_same_loss_and_gradient(tok
     from spa_rl.rl import core
     from spa_rl.rl.episodes import Trajectory
     from spa_rl.rl.models import PolicyModel
-    from spa_rl.rl.trainer import Batch, score_rows, update
+    from spa_rl.rl.trainer import Batch, Learners, score_rows, update
     from spa_rl.training import Trainable, make_accelerator, resolve_precision
 
     gen = torch.Generator().manual_seed(0)
@@ -198,7 +198,8 @@ def test_a_minibatch_cut_into_micro_batches_gives_the_same_loss_and_gradient(tok
                           lr=1e-9, total_steps=1, schedule="constant", max_grad_norm=1e9)
         batch.old_logprobs = score_rows(actor, batch, config, "cpu") - 0.3 * batch.mask
         batch.advantages = torch.linspace(-1, 1, batch.mask.numel()).view_as(batch.mask) * batch.mask
-        results.append(update(batch, trajectories, config, actor, None, None, "cpu", 0, 1))
+        learners = Learners(actor, None, None, None, tokenizer, actor.accelerator, sharded=False)
+        results.append(update(batch, trajectories, config, learners, 0))
         if micro == 4:  # one micro-batch: the loss must be core.aggregate over the whole minibatch
             ids, attention, keep, width = batch.rows([0, 1, 2, 3], "cpu")
             with torch.no_grad():
@@ -554,7 +555,7 @@ def test_an_update_raises_the_winners_log_prob_and_lowers_the_losers(tokenizer, 
     from spa_rl.rl import core
     from spa_rl.rl.episodes import Trajectory
     from spa_rl.rl.models import PolicyModel
-    from spa_rl.rl.trainer import score_rows, update
+    from spa_rl.rl.trainer import Learners, score_rows, update
     from spa_rl.training import Trainable, make_accelerator, resolve_precision
 
     torch.manual_seed(0)
@@ -578,8 +579,92 @@ def test_an_update_raises_the_winners_log_prob_and_lowers_the_losers(tokenizer, 
     adv = core.group_advantages(batch.scores, batch.groups, config.grpo_norm_by_std)
     assert adv[0] > 0 > adv[1]
     batch.advantages, batch.returns = adv[:, None] * batch.mask, torch.zeros_like(batch.mask)
-    update(batch, trajectories, config, actor, None, None, "cpu", 0, 1)
+    update(batch, trajectories, config, Learners(actor, None, None, None, tokenizer, actor.accelerator, False), 0)
     after = score_rows(actor, batch, config, "cpu")
     change = ((after - before) * batch.mask).sum(-1)
     assert change[0] > 0.05, change
     assert change[1] < -0.05, change
+
+
+def _one_term_update(tokenizer, term: str):
+    """What one update with only `term` switched on (kl, entropy or world-model) needs: a uniform group of two
+    episodes (every GRPO advantage 0, so the policy gradient is 0), a tiny actor at lr 1e-3 (and, for kl, another
+    random model, of another seed, as the reference). Returns (actor, batch, trajectories, config, learners,
+    score_rows, update)."""
+    from conftest import build_tiny_model
+
+    from spa_rl.rl.episodes import Trajectory
+    from spa_rl.rl.models import PolicyModel
+    from spa_rl.rl.trainer import Learners, score_rows, update
+    from spa_rl.training import Trainable, make_accelerator, resolve_precision
+
+    torch.manual_seed(1)
+    trajectories = []
+    for score in (1.0, 1.0):  # a uniform group: GRPO's advantages are 0
+        ids = torch.randint(10, 500, (20,)).tolist()
+        mask = [0] * 10 + [1] * 10
+        wm_mask = [0] * 12 + [1] * 8
+        trajectories.append(Trajectory(ids, mask, mask, [0.0] * 20, [0.0] * 20, 0, score,
+                                       world_model=(ids, wm_mask) if term == "world-model" else None))
+    settings = {"kl": dict(kl_coef=1.0, reference="init", kl_estimator="k3", entropy_coef=0.0),
+                "entropy": dict(entropy_coef=1.0),
+                "world-model": dict(world_model_coef=1.0, entropy_coef=0.0, format="world-model")}[term]
+    config = RLConfig.make(out="x", keep_ratio=1.0, puzzles_per_step=1, samples_per_puzzle=2, minibatch_size=2,
+                           advantage="grpo", dtype="fp32", skip_uniform_steps=False, **settings)
+    # a random tiny model is near-uniform over the vocabulary; at temperature 0.1 its entropy has room to rise
+    temperature = 0.1 if term == "entropy" else 1.0
+    actor = Trainable(PolicyModel(build_tiny_model(tokenizer).eval(), temperature),
+                      resolve_precision("fp32", "cpu", training=True), make_accelerator("cpu"), lr=1e-3,
+                      total_steps=1, schedule="constant", max_grad_norm=1e9)
+    reference = (PolicyModel(build_tiny_model(tokenizer, seed=1).eval().requires_grad_(False)) if term == "kl"
+                 else None)
+    batch = Batch.of(trajectories, pad_id=0)
+    learners = Learners(actor, None, reference, None, tokenizer, actor.accelerator, False)
+    if reference is not None:
+        batch.ref_logprobs = score_rows(reference, batch, config, "cpu", autocast=actor.autocast)
+    return actor, batch, trajectories, config, learners, score_rows, update
+
+
+def _mean_kl(actor_logp, ref_logp, mask):
+    from spa_rl.rl import core
+    return float(core.masked_mean(core.kl_penalty(actor_logp, ref_logp, "k3"), mask))
+
+
+def test_the_kl_term_pulls_the_policy_towards_the_reference(tokenizer):
+    """With no policy gradient (every advantage 0) the KL penalty alone must lower the KL to the reference (another
+    random model here); with its sign flipped it would raise it."""
+    actor, batch, trajectories, config, learners, score_rows, update = _one_term_update(tokenizer, "kl")
+    before = _mean_kl(score_rows(actor, batch, config, "cpu"), batch.ref_logprobs, batch.mask)
+    stats = update(batch, trajectories, config, learners, 0)
+    after = _mean_kl(score_rows(actor, batch, config, "cpu"), batch.ref_logprobs, batch.mask)
+    assert stats["losses/kl"] > 0 and after < 0.9 * before, (before, after)
+
+
+def test_the_entropy_bonus_raises_the_policys_entropy(tokenizer):
+    """With no policy gradient the entropy bonus alone must raise the entropy of the policy on the loss tokens."""
+    actor, batch, trajectories, config, learners, _, update = _one_term_update(tokenizer, "entropy")
+
+    def entropy():
+        ids, attention, keep, _ = batch.rows([0, 1], "cpu")
+        with torch.no_grad():
+            return float(actor.model(ids, attention, keep)[1].mean())
+
+    before = entropy()
+    update(batch, trajectories, config, learners, 0)
+    assert entropy() > before + 1e-3, (before, entropy())
+
+
+def test_the_world_model_term_lowers_the_nll_of_the_true_states(tokenizer):
+    """With no policy gradient the world-model loss alone must make the true states' tokens more likely."""
+    actor, batch, trajectories, config, learners, _, update = _one_term_update(tokenizer, "world-model")
+    ids, wm_mask = trajectories[0].world_model
+    ids_t = torch.tensor([ids])
+    keep = torch.tensor([wm_mask[1:]], dtype=torch.bool)
+
+    def nll():
+        with torch.no_grad():
+            return -float(actor.model(ids_t, torch.ones_like(ids_t), keep, temperature=1.0)[0].sum())
+
+    before = nll()
+    stats = update(batch, trajectories, config, learners, 0)
+    assert stats["losses/world_model"] > 0 and nll() < before - 1e-2, (before, nll())

@@ -12,8 +12,9 @@ from typing import Literal
 from spa_rl.config import Seeded, setting
 from spa_rl.errors import SpaError
 from spa_rl.models import ModelConfig
+from spa_rl.rl.advantages import ESTIMATORS
 from spa_rl.rollout import RolloutConfig
-from spa_rl.seeds import check_training_range
+from spa_rl.seeds import check_training_range, training_seeds
 from spa_rl.training import LogConfig, LoRAConfig
 from spa_rl.training.precision import check_dtype
 
@@ -36,12 +37,17 @@ class RLConfig(Seeded):
     """Episodes per puzzle: a group, whose reward spread decides whether it is kept and (GRPO) its baseline."""
     first_seed: int = setting(0, ge=0)
     """First training puzzle seed; step s plays first_seed + s * puzzles_per_step and on."""
+    puzzle_pool: int = setting(0, ge=0)
+    """Train on a fixed pool of this many puzzles (seeds first_seed and on), cycled through in order, each step the
+    next puzzles_per_step of them (0: fresh puzzles every step, the paper's). Practising the same puzzles shows
+    learning within far fewer episodes; validation stays on the held-out puzzles."""
     keep_ratio: float = setting(0.25, gt=0, le=1)
     """Share of groups kept for the update: those with the highest within-group reward standard deviation
     (1: keep all)."""
-    advantage: Literal["gae", "grpo", "bi-level-gae"] = "gae"
+    advantage: str = setting("gae", metavar="{gae,grpo,bi-level-gae}")
     """gae: token-level GAE with a learned critic, skipping the text between turns; grpo: the episode's score
-    normalised within its group (no critic); bi-level-gae: turn-level GAE, then token-level inside each turn."""
+    normalised within its group (no critic); bi-level-gae: turn-level GAE, then token-level inside each turn (or
+    any name registered with `spa_rl.rl.advantages.register_advantage`)."""
     gamma: float = setting(1.0, ge=0, le=1)
     """Discount per token (GAE)."""
     lam: float = setting(1.0, ge=0, le=1)
@@ -151,7 +157,7 @@ class RLConfig(Seeded):
 
     @property
     def uses_critic(self) -> bool:
-        return self.advantage != "grpo"
+        return ESTIMATORS[self.advantage].uses_critic
 
     @property
     def one_pass(self) -> bool:
@@ -160,14 +166,25 @@ class RLConfig(Seeded):
         critic's pass comes first and its values give the advantages on the way (docs/method.md §6)."""
         return self.ppo_epochs == 1 and self.kept_groups * self.samples_per_puzzle <= self.minibatch_size
 
+    def step_seeds(self, step: int) -> list[int]:
+        """The training puzzles of step `step` (from 0)."""
+        start = step * self.puzzles_per_step
+        if not self.puzzle_pool:
+            return training_seeds(self.first_seed + start, self.puzzles_per_step)
+        return [self.first_seed + (start + i) % self.puzzle_pool for i in range(self.puzzles_per_step)]
+
     def check(self) -> None:
+        if self.advantage not in ESTIMATORS:
+            raise SpaError(f"unknown advantage estimator {self.advantage!r}: use one of {', '.join(ESTIMATORS)} (or "
+                           f"register yours with spa_rl.rl.advantages.register_advantage)")
         kept = self.kept_groups * self.samples_per_puzzle
         if kept < self.minibatch_size:
             raise SpaError(f"keep_ratio x puzzles_per_step x samples_per_puzzle leaves {kept} episodes a step, fewer "
                            f"than one minibatch (minibatch_size {self.minibatch_size}): lower --minibatch-size or "
                            f"keep more episodes")
-        if self.samples_per_puzzle < 2 and self.advantage == "grpo":
-            raise SpaError("advantage grpo needs samples_per_puzzle >= 2: a group of one has no baseline")
+        if self.samples_per_puzzle < 2 and not self.uses_critic:
+            raise SpaError(f"advantage {self.advantage} needs samples_per_puzzle >= 2: without a critic the baseline "
+                           f"is the group's, and a group of one has none")
         if self.samples_per_puzzle < 2 and self.keep_ratio < 1:
             raise SpaError("keep_ratio < 1 needs samples_per_puzzle >= 2: one sample per group has no reward spread "
                            "to rank groups by (set --keep-ratio 1)")
@@ -194,4 +211,8 @@ class RLConfig(Seeded):
         if sampling.temperature <= 0 or sampling.top_p < 1 or sampling.top_k > 0:
             raise SpaError("PPO needs untruncated sampling (temperature > 0, top_p 1, top_k 0): otherwise the "
                            "sampled tokens' log-probs are not the policy's and the ratio is off-policy")
-        check_training_range(self.first_seed, self.steps * self.puzzles_per_step)
+        if self.puzzle_pool and self.puzzle_pool < self.puzzles_per_step:
+            raise SpaError(f"puzzle_pool ({self.puzzle_pool}) is smaller than puzzles_per_step "
+                           f"({self.puzzles_per_step}): a step would play a puzzle twice; raise --puzzle-pool or lower "
+                           f"--puzzles-per-step")
+        check_training_range(self.first_seed, self.puzzle_pool or self.steps * self.puzzles_per_step)

@@ -41,11 +41,12 @@ from spa_rl.outputs import claim_output
 from spa_rl.plots import plot_rl
 from spa_rl.progress import progress_bar, say
 from spa_rl.rl import core
+from spa_rl.rl.advantages import ESTIMATORS, AdvantageInputs
 from spa_rl.rl.config import STAGE, RLConfig
 from spa_rl.rl.episodes import Trajectory, build_trajectory, group_diversity, per_turn_bonuses
 from spa_rl.rl.models import PolicyModel, ValueModel, load_backbone
-from spa_rl.rollout import RolloutEngine
-from spa_rl.seeds import training_seeds, validation_seeds
+from spa_rl.rollout import Episode, RolloutEngine
+from spa_rl.seeds import validation_seeds
 from spa_rl.training import (
     Checkpointer,
     RunLogger,
@@ -83,11 +84,27 @@ class Batch:
     """[N] group of each episode."""
     scores: torch.Tensor
     """[N] each episode's total reward."""
-    old_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
+    old_logprobs: torch.Tensor = dataclasses.field(init=False)
+    """[N, T-1] the actor's log-probs before the update: from the scoring pass, or filled by the update's own
+    first pass (one pass)."""
+    values: torch.Tensor = dataclasses.field(init=False)
+    """[N, T-1] the critic's values before the update (zeros without a critic)."""
+    ref_logprobs: torch.Tensor = dataclasses.field(init=False)
+    """[N, T-1] the reference policy's log-probs (zeros without a KL term)."""
+    advantages: torch.Tensor = dataclasses.field(init=False)
+    returns: torch.Tensor = dataclasses.field(init=False)
+    """[N, T-1] the critic's targets (zeros without a critic)."""
+
+    def __post_init__(self) -> None:  # every per-token field exists from the start, zero until a phase fills it
+        for name in ("old_logprobs", "values", "ref_logprobs", "advantages", "returns"):
+            setattr(self, name, torch.zeros_like(self.mask))
+
+    def advantage_inputs(self, rows: torch.Tensor | None = None, width: int | None = None) -> AdvantageInputs:
+        """What an advantage estimator reads, of every row (or of `rows`, cut to `width` token columns)."""
+        cut = (lambda x: x) if rows is None else (lambda x: x[rows, :width])
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+        return AdvantageInputs(cut(self.rewards), cut(self.values), cut(self.mask), pick(self.scores),
+                               pick(self.groups))
 
     @classmethod
     def of(cls, trajectories: list[Trajectory], pad_id: int) -> Batch:
@@ -142,46 +159,105 @@ def score_rows(model: Trainable | torch.nn.Module, batch: Batch, config: RLConfi
     return out
 
 
-# ------------------------------------------------------------------------------------------ the loop
-def train_rl(config: RLConfig, quiet: bool = False) -> dict:
-    """Run (or resume) PPO into `config.out`; return the final metrics."""
-    out = claim_output(config.out, STAGE, config, done="result.json")
-    if out.finished:
-        say(f"{out.path} already holds this finished RL run: nothing to do", quiet)
-        return read_json(out.path / "result.json", "result")
+# ------------------------------------------------------------------------------------------ the models
+@dataclass
+class Learners:
+    """What a run trains and plays with, and where: the actor (a `Trainable` policy), the critic (a `Trainable`
+    value model; None without one), the frozen reference policy (None without a KL term), the language model the
+    rollout engine decodes with (the actor's own, or a whole copy refreshed after each update when the weights are
+    sharded), and the accelerator that places them and sums over processes."""
+
+    actor: Trainable
+    critic: Trainable | None
+    reference: PolicyModel | None
+    rollout_lm: Any
+    tokenizer: Any
+    accelerator: Any
+    sharded: bool
+
+    @property
+    def device(self) -> Any:
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """`values` summed over the processes (as they are, in one process)."""
+        if self.world == 1:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    def states(self) -> dict[str, Any]:
+        """The optimizers' states (a collective when they are sharded)."""
+        return {"actor": self.actor.state_dict(), **({"critic": self.critic.state_dict()} if self.critic else {})}
+
+    def load_states(self, states: dict[str, Any]) -> None:
+        self.actor.load_state_dict(states["actor"])
+        if self.critic is not None:
+            self.critic.load_state_dict(states["critic"])
+
+    def weights(self) -> dict[str, Any]:
+        """The models' weights (every process calls it: sharded weights are gathered on the main one)."""
+        return {"actor": self.actor.weights(), "critic": self.critic.weights() if self.critic else None}
+
+    def write(self, directory: Path, weights: dict[str, Any], meta: dict) -> None:
+        """The actor (HF format) into `directory/actor` and the critic into `directory/critic`."""
+        (directory / "actor").mkdir()
+        save_model(self.actor.model.lm, self.tokenizer, directory / "actor", meta, _strip(weights["actor"], "lm."))
+        if self.critic is not None:
+            (directory / "critic").mkdir()
+            self.critic.model.save(directory / "critic", weights["critic"])
+
+    def refresh_rollout_copy(self, metrics: dict[str, float]) -> None:
+        """After an update that moved the actor, the sharded run's whole copy for generation takes its weights."""
+        if self.sharded and metrics.get("rollout/actor_updated", 1.0):
+            self.actor.copy_into(self.rollout_lm, prefix="lm.")
+
+
+def build_learners(config: RLConfig, ckpt: Checkpointer) -> Learners:
+    """The models of a run, from the checkpoint when there is one, else from `config.model.model` (an adapter is
+    merged into its base; `--lora` trains a new one on top); the reference first, so that a wrong path fails before
+    the big loads. With sharded weights the models are loaded whole on the CPU and `fully_shard` moves each
+    process's shards to its device, so a model too large for one device never is on one."""
     device = pick_device(config.model.device)
     accelerator = make_accelerator(device)
-    world, main = accelerator.num_processes, accelerator.is_main_process
+    world = accelerator.num_processes
     if config.puzzles_per_step % world or config.kept_groups % world or config.minibatch_size % world:
         raise SpaError(f"puzzles_per_step, the kept groups ({config.kept_groups}) and minibatch_size must divide "
                        f"evenly over the {world} processes")
     precision = resolve_precision(config.model.dtype, device, training=True)
     dev = str(accelerator.device)
     reference = None
-    if config.kl_coef > 0:  # first: a wrong reference path fails before the big loads
+    if config.kl_coef > 0:
         ref_path = config.model.model if config.reference == "init" else config.reference
         ref_lm = load_model(ref_path, dev, "bf16" if precision.name == "bf16" else "fp32").model.eval()
         reference = PolicyModel(ref_lm.requires_grad_(False), config.rollout.sampling.temperature)
-    # actor (and critic) from the checkpoint when resuming; else from the starting model, an adapter merged into
-    # its base (a new adapter is trained on top with --lora)
-    ckpt = Checkpointer(out.path / "checkpoint")
     resume = ckpt.exists()
-    # sharded weights: the models are loaded whole on the CPU, and `fully_shard` moves each process's shards to its
-    # device, so a model too large for one device never is on one
     sharded = config.shard_weights and world > 1
     load_to = "cpu" if sharded else dev
     lm = load_model(str(ckpt.dir / "actor") if resume else config.model.model, load_to, "fp32",
                     merge_adapter=not resume)
-    tokenizer, pad_id = lm.tokenizer, lm.tokenizer.pad_token_id
     policy = PolicyModel(apply_lora(for_training(lm.model), config.lora).eval(), config.rollout.sampling.temperature)
-    # with sharded weights, generation (and the curiosity scorer) runs on a whole copy, refreshed after each update
     rollout_lm = (copy.deepcopy(policy.lm).to(dev, precision.weights).requires_grad_(False) if sharded
                   else policy.lm)
     if config.gradient_checkpointing:
         checkpoint_layers(policy.lm)
-    actor = Trainable(policy, precision, accelerator, lr=config.actor_lr, total_steps=config.steps,
-                      schedule="constant", max_grad_norm=config.max_grad_norm, shard=config.shard_optimizer,
-                      shard_weights=config.shard_weights)
+    optim = {"schedule": "constant", "total_steps": config.steps, "max_grad_norm": config.max_grad_norm,
+             "shard": config.shard_optimizer, "shard_weights": config.shard_weights}
+    actor = Trainable(policy, precision, accelerator, lr=config.actor_lr, **optim)
     critic = None
     if config.uses_critic:
         if resume:
@@ -193,96 +269,128 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
                                                                             "fp32").model))
         if config.gradient_checkpointing:
             checkpoint_layers(value_model)
-        critic = Trainable(value_model.to(load_to).eval(), precision, accelerator, lr=config.critic_lr,
-                           total_steps=config.steps, schedule="constant", max_grad_norm=config.max_grad_norm,
-                           shard=config.shard_optimizer, shard_weights=config.shard_weights)
-    # micro-batches sized from the memory this machine has, before any work (a pass that cannot fit is refused)
+        critic = Trainable(value_model.to(load_to).eval(), precision, accelerator, lr=config.critic_lr, **optim)
+    return Learners(actor, critic, reference, rollout_lm, lm.tokenizer, accelerator, sharded)
+
+
+def plan_memory(config: RLConfig, learners: Learners, quiet: bool = False) -> RLConfig:
+    """`config` with micro-batches sized from the memory this machine has, before any work (a pass that cannot fit
+    is refused with the estimate)."""
+    precision, actor, critic = learners.actor.precision, learners.actor, learners.critic
     state = (model_state_bytes(actor.model, precision) + (model_state_bytes(critic.model, precision) if critic else 0)
-             + (model_state_bytes(reference, precision, trained=False) if reference is not None else 0)
-             + (model_state_bytes(rollout_lm, precision, trained=False) if sharded else 0)) // (world if sharded else 1)
-    plan = plan_micro_batch_tokens(config.micro_batch_tokens, config.memory_gib, dev, state,
-                                   activation_bytes_per_token(lm.model.config, precision,
+             + (model_state_bytes(learners.reference, precision, trained=False) if learners.reference else 0)
+             + (model_state_bytes(learners.rollout_lm, precision, trained=False) if learners.sharded else 0))
+    plan = plan_micro_batch_tokens(config.micro_batch_tokens, config.memory_gib, str(learners.device),
+                                   state // (learners.world if learners.sharded else 1),
+                                   activation_bytes_per_token(actor.model.lm.config, precision,
                                                               config.gradient_checkpointing), "spa train")
-    config = dataclasses.replace(config, micro_batch_tokens=plan.tokens)
-    say(f"memory: {plan.describe()}", quiet or not main)
-    engine = RolloutEngine(config.rollout, make_backend(config.rollout.backend, rollout_lm, tokenizer), tokenizer)
-    step = 0
-    if resume:
-        state = ckpt.load()
-        actor.load_state_dict(state.states["actor"])
-        if critic is not None:
-            critic.load_state_dict(state.states["critic"])
-        step = state.step
-        say(f"resuming {out.path} from its checkpoint at step {step} of {config.steps}", quiet or not main)
-    logger = RunLogger(out.path, config.log, to_dict(config), resume_step=step) if main else None
-    meta = {"stage": "rl", "config": to_dict(config), "precision": precision.name, "base_model": config.model.model}
+    say(f"memory: {plan.describe()}", quiet or not learners.main)
+    return dataclasses.replace(config, micro_batch_tokens=plan.tokens)
 
-    def write_models(directory: Path, weights: dict) -> None:
-        (directory / "actor").mkdir()
-        save_model(policy.lm, tokenizer, directory / "actor", meta, _strip(weights["actor"], "lm."))
-        if critic is not None:
-            (directory / "critic").mkdir()
-            critic.model.save(directory / "critic", weights["critic"])
 
-    def gather_weights() -> dict:  # every process: sharded weights are gathered on the main one
-        return {"actor": actor.weights(), "critic": critic.weights() if critic else None}
+def save_checkpoint(ckpt: Checkpointer, step: int, learners: Learners, meta: dict) -> None:
+    """An atomic checkpoint of every model and optimizer at `step` (every process calls it)."""
+    states, weights = learners.states(), learners.weights()
+    if learners.main:
+        ckpt.save(step, lambda directory: learners.write(directory, weights, meta), states)
+    learners.accelerator.wait_for_everyone()
 
-    def checkpoint() -> None:
-        states = {"actor": actor.state_dict(), **({"critic": critic.state_dict()} if critic else {})}  # collective
-        weights = gather_weights()
-        if main:
-            ckpt.save(step, lambda directory: write_models(directory, weights), states)
-        accelerator.wait_for_everyone()
 
-    def refresh_rollout_copy(metrics: dict) -> None:
-        if sharded and metrics.get("rollout/actor_updated", 1.0):
-            actor.copy_into(rollout_lm, prefix="lm.")
+def save_final(out: Path, step: int, final: dict[str, float], learners: Learners, meta: dict) -> None:
+    """The trained actor into `out/model` (HF format), the critic into `out/critic`, `result.json` last."""
+    weights = learners.weights()
+    if learners.main:
+        result = {"steps": step, **{k: v for k, v in final.items() if isinstance(v, int | float)}}
+        meta = {**meta, "result": result}
+        atomic_dir(out / "model", lambda d: save_model(learners.actor.model.lm, learners.tokenizer, d, meta,
+                                                       _strip(weights["actor"], "lm.")))
+        if learners.critic is not None:
+            atomic_dir(out / "critic", lambda d: learners.critic.model.save(d, weights["critic"]))
+        atomic_write_json(out / "result.json", result)
+    learners.accelerator.wait_for_everyone()
 
-    def log(values: dict) -> None:
-        if logger is not None:
-            logger.log(step, values)
 
-    with progress_bar(transient=quiet or not main) as bar:
-        if step == 0 and config.eval_before and main:
-            log(evaluate_policy(engine, config, bar))
+# ------------------------------------------------------------------------------------------ the loop
+def train_rl(config: RLConfig, quiet: bool = False) -> dict:
+    """Run (or resume) PPO into `config.out`; return the final metrics."""
+    out = claim_output(config.out, STAGE, config, done="result.json")
+    if out.finished:
+        say(f"{out.path} already holds this finished RL run: nothing to do", quiet)
+        return read_json(out.path / "result.json", "result")
+    ckpt = Checkpointer(out.path / "checkpoint")
+    learners = build_learners(config, ckpt)
+    config = plan_memory(config, learners, quiet)
+    engine = RolloutEngine(config.rollout, make_backend(config.rollout.backend, learners.rollout_lm,
+                                                        learners.tokenizer), learners.tokenizer)
+    step = resume(ckpt, learners, config.steps, quiet)
+    log = RunLogger(out.path, config.log, to_dict(config), resume_step=step) if learners.main else None
+    meta = {"stage": "rl", "config": to_dict(config), "precision": learners.actor.precision.name,
+            "base_model": config.model.model}
+    with progress_bar(transient=quiet or not learners.main) as bar:
+        if step == 0 and config.eval_before and log:
+            log.log(step, evaluate_policy(engine, config, bar))
         task = bar.add_task("PPO", total=config.steps, completed=step, unit="steps")
         while step < config.steps:
-            metrics = ppo_step(step, config, engine, tokenizer, pad_id, rollout_lm, actor, critic, reference,
-                               accelerator)
-            refresh_rollout_copy(metrics)
+            metrics = ppo_step(step, config, engine, learners)
+            learners.refresh_rollout_copy(metrics)
             step += 1
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps and main:
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps and log:
                 metrics.update(evaluate_policy(engine, config, bar))
                 release_free_memory()
-            log(metrics)
+            if log:
+                log.log(step, metrics)
             bar.advance(task)
-            if not math.isfinite(metrics["losses/policy_loss"]) or not math.isfinite(metrics["losses/value_loss"]):
-                raise SpaError(f"the losses became {metrics['losses/policy_loss']} / {metrics['losses/value_loss']} at "
-                               f"step {step}: stopped; the last good checkpoint is in {ckpt.dir} (lower the learning "
-                               f"rates and rerun in another directory)")
+            check_finite(metrics, step, ckpt)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
-                checkpoint()
-        final = evaluate_policy(engine, config, bar) if main else {}
-    if world > 1:  # every process must have made the same updates (sharded: gathered the same whole weights)
-        params = list(rollout_lm.parameters()) if sharded else actor.params + (critic.params if critic else [])
-        final["dist/weight_spread"] = weight_spread(params, accelerator.device)
-        final["dist/optimizer_state_share"] = actor.state_share
-    log(final)
-    checkpoint()
-    weights = gather_weights()
-    if main:
-        result = {"steps": step, **{k: v for k, v in final.items() if isinstance(v, int | float)}}
-        meta["result"] = result
-        atomic_dir(out.path / "model", lambda d: save_model(policy.lm, tokenizer, d, meta,
-                                                            _strip(weights["actor"], "lm.")))
-        if critic is not None:
-            atomic_dir(out.path / "critic", lambda d: critic.model.save(d, weights["critic"]))
-        atomic_write_json(out.path / "result.json", result)
-        ckpt.discard()
-        logger.close()
-        plot_rl(out.path)
-    accelerator.wait_for_everyone()
+                save_checkpoint(ckpt, step, learners, meta)
+        final = {**(evaluate_policy(engine, config, bar) if log else {}), **consistency_checks(learners)}
+    finish(out.path, step, final, ckpt, learners, log, meta)
     return read_json(out.path / "result.json", "result")
+
+
+def resume(ckpt: Checkpointer, learners: Learners, steps: int, quiet: bool = False) -> int:
+    """The step to start from: the checkpoint's (its optimizer states loaded), or 0."""
+    if not ckpt.exists():
+        return 0
+    state = ckpt.load()
+    learners.load_states(state.states)
+    say(f"resuming {ckpt.dir.parent} from its checkpoint at step {state.step} of {steps}", quiet or not learners.main)
+    return state.step
+
+
+def finish(out: Path, step: int, final: dict[str, float], ckpt: Checkpointer, learners: Learners,
+           log: RunLogger | None, meta: dict) -> None:
+    """Log the final validation, checkpoint, then write the trained models and `result.json` (last: its presence
+    marks the run finished), drop the checkpoint and plot the curves."""
+    if log:
+        log.log(step, final)
+    save_checkpoint(ckpt, step, learners, meta)
+    save_final(out, step, final, learners, meta)
+    if log:
+        ckpt.discard()
+        log.close()
+        plot_rl(out)
+    learners.accelerator.wait_for_everyone()
+
+
+def check_finite(metrics: dict[str, float], step: int, ckpt: Checkpointer) -> None:
+    """Stop at the first step whose losses are not finite, pointing at the last good checkpoint."""
+    if not math.isfinite(metrics["losses/policy_loss"]) or not math.isfinite(metrics["losses/value_loss"]):
+        raise SpaError(f"the losses became {metrics['losses/policy_loss']} / {metrics['losses/value_loss']} at "
+                       f"step {step}: stopped; the last good checkpoint is in {ckpt.dir} (lower the learning "
+                       f"rates and rerun in another directory)")
+
+
+def consistency_checks(learners: Learners) -> dict[str, float]:
+    """With several processes: every one must have made the same updates (sharded: gathered the same whole
+    weights). `dist/weight_spread` is 0 when they did."""
+    if learners.world == 1:
+        return {}
+    actor, critic = learners.actor, learners.critic
+    params = list(learners.rollout_lm.parameters()) if learners.sharded else actor.params + (
+        critic.params if critic else [])
+    return {"dist/weight_spread": weight_spread(params, learners.device),
+            "dist/optimizer_state_share": actor.state_share}
 
 
 def weight_spread(params: list[torch.Tensor], device: Any) -> float:
@@ -299,127 +407,149 @@ def _strip(state: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torc
     return None if state is None else {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _all_reduce(values: list[float], device: Any, world: int) -> list[float]:
-    """`values` summed over the processes (returned as they are in one process)."""
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any, pad_id: int, rollout_lm: Any,
-             actor: Trainable, critic: Trainable | None, reference: PolicyModel | None,
-             accelerator: Any) -> dict[str, float]:
-    """One PPO step: rollouts, rewards, the group filter, scoring, advantages, the update. Returns its metrics.
-    `rollout_lm`: the language model the engine generates with (the actor's, or its whole copy when sharded)."""
-    device, rc = accelerator.device, config.rollout
-    rank, world = accelerator.process_index, accelerator.num_processes
+# ------------------------------------------------------------------------------------------ one step
+def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, learners: Learners) -> dict[str, float]:
+    """One PPO step: rollouts, rewards, the group filter, scoring, advantages, the update. Returns its metrics."""
     # 1. rollouts with the current weights: this process plays its share of the step's puzzles
     t0 = time.perf_counter()
-    seeds = training_seeds(config.first_seed + step * config.puzzles_per_step, config.puzzles_per_step)
-    episodes = engine.run(seeds[rank::world], group_size=config.samples_per_puzzle,
-                          seed=config.seed * 1_000_003 + step * 97 + rank)
+    seeds = config.step_seeds(step)
+    episodes = engine.run(seeds[learners.rank::learners.world], group_size=config.samples_per_puzzle,
+                          seed=config.seed * 1_000_003 + step * 97 + learners.rank)
     engine.backend.reset()
     release_free_memory()  # the rollouts' caches go back to the system before the update allocates its own
     t_generate = time.perf_counter() - t0
-    generated = sum(len(t.response_ids) for e in episodes for t in e.turns)
     # 2. rewards: the environment's per turn plus the bonuses; the episodes as token sequences
     t0 = time.perf_counter()
+    trajectories, bonus_stats = to_trajectories(episodes, seeds, config, learners)
+    # 3. the groups whose rewards vary most, chosen over all processes; each process takes an equal share
+    everything, kept, stds, chosen = choose_groups(trajectories, config, learners)
+    batch = Batch.of(kept, learners.tokenizer.pad_token_id)
+    # 4. score the kept episodes with the training forward pass (the same code the update runs), unless the update
+    # is one pass over them: then its own forwards give the same numbers before any weight moves (`one_pass`)
+    score(batch, config, learners)
+    t_score = time.perf_counter() - t0
+    # 5. advantages (one pass with a critic: the critic's forward and backward run now, and give the values)
+    t0 = time.perf_counter()
+    critic_stats = estimate_advantages(batch, config, learners)
+    # 6. PPO epochs over minibatches, actor and critic (the actor sits out the critic's warm-up, and a step whose
+    # kept groups all scored uniformly: a cold model that never follows the format, or one that always wins)
+    train_actor = step >= config.critic_warmup and (float(stds[chosen].max()) > 0 or not config.skip_uniform_steps)
+    stats = update(batch, kept, config, learners, step, train_actor, critic_stats)
+    t_update = time.perf_counter() - t0
+    # 7. what happened, over all processes
+    metrics = {**stats, **bonus_stats,
+               **step_metrics(episodes, trajectories, everything, batch, stds, chosen, train_actor, config, learners),
+               "time/generate": t_generate, "time/score": t_score, "time/update": t_update}
+    metrics["perf/generated_tokens_per_s"] = metrics["perf/generated_tokens"] / learners.world / max(t_generate, 1e-9)
+    return metrics
+
+
+def to_trajectories(episodes: list[Episode], seeds: list[int], config: RLConfig,
+                    learners: Learners) -> tuple[list[Trajectory], dict[str, float]]:
+    """The episodes as token sequences with their rewards (the environment's per turn plus the bonuses), each in the
+    group of its puzzle; and the bonuses' statistics."""
     group_of = {seed: g for g, seed in enumerate(seeds)}
     groups = [group_of[e.seed] for e in episodes]
-    bonuses, bonus_stats = per_turn_bonuses(
-        episodes, config, lambda states: state_novelty(rollout_lm, tokenizer, config.rollout, states),
-        lambda values: _all_reduce(values, device, world))
+    tokenizer, rc = learners.tokenizer, config.rollout
+    bonuses, stats = per_turn_bonuses(
+        episodes, config, lambda states: state_novelty(learners.rollout_lm, tokenizer, rc, states), learners.sum)
     trajectories = [build_trajectory(e, tokenizer, g, placement=config.reward_placement, loss_tokens=config.loss_tokens,
                                      bonuses=b, world_model=config.world_model_coef > 0, fmt=rc.format,
                                      render=rc.render)
                     for e, g, b in zip(episodes, groups, bonuses, strict=True)]
-    diversity = group_diversity(episodes, groups)
-    # 3. the groups whose rewards vary most, chosen over all processes; each process takes an equal share
-    everything = gather_object(trajectories) if world > 1 else trajectories
+    return trajectories, stats
+
+
+def choose_groups(trajectories: list[Trajectory], config: RLConfig, learners: Learners
+                  ) -> tuple[list[Trajectory], list[Trajectory], torch.Tensor, torch.Tensor]:
+    """(every process's trajectories, this process's share of the kept ones, each group's reward standard deviation
+    [G], the indices of the kept groups): the `keep_ratio` of groups whose rewards vary most."""
+    everything = gather_object(trajectories) if learners.world > 1 else trajectories
     group_scores: dict[int, list[float]] = {}
     for t in everything:
         group_scores.setdefault(t.group, []).append(t.score)
     group_ids = sorted(group_scores)
     stds = torch.tensor([torch.tensor(group_scores[g]).std(unbiased=False).item() for g in group_ids])
     chosen = core.keep_most_varied_groups(stds, config.keep_ratio)
-    mine = {group_ids[i] for i in chosen.tolist()[rank::world]}
-    kept = [t for t in everything if t.group in mine]
-    batch = Batch.of(kept, pad_id)
-    # 4. score the kept episodes with the training forward pass (the same code the update runs), unless the update
-    # is one pass over them: then its own forwards give the same numbers before any weight moves (`one_pass`)
-    one_pass = config.one_pass
-    if not one_pass:
-        batch.old_logprobs = score_rows(actor, batch, config, device)
-        if critic is not None:
-            batch.values = score_rows(critic, batch, config, device, values=True)
-    if reference is not None:
-        batch.ref_logprobs = score_rows(reference, batch, config, device, autocast=actor.autocast)
-    t_score = time.perf_counter() - t0
-    # 5. advantages (one pass with a critic: the critic's forward and backward run now, and give the values)
-    t0 = time.perf_counter()
-    mask = batch.mask
-    critic_stats: dict[str, float] | None = None
-    if config.advantage == "grpo":
-        adv = core.group_advantages(batch.scores, batch.groups, config.grpo_norm_by_std)
-        batch.advantages, batch.returns = adv[:, None] * mask, torch.zeros_like(mask)
+    mine = {group_ids[i] for i in chosen.tolist()[learners.rank::learners.world]}
+    return everything, [t for t in everything if t.group in mine], stds, chosen
+
+
+def score(batch: Batch, config: RLConfig, learners: Learners) -> None:
+    """Fill the batch's old log-probs and values (unless the update is one pass, which computes them itself) and the
+    reference's log-probs (with a KL term)."""
+    if not config.one_pass:
+        batch.old_logprobs = score_rows(learners.actor, batch, config, learners.device)
+        if learners.critic is not None:
+            batch.values = score_rows(learners.critic, batch, config, learners.device, values=True)
+    if learners.reference is not None:
+        batch.ref_logprobs = score_rows(learners.reference, batch, config, learners.device,
+                                        autocast=learners.actor.autocast)
+
+
+def estimate_advantages(batch: Batch, config: RLConfig, learners: Learners) -> dict[str, float] | None:
+    """Fill the batch's advantages and returns with the configured estimator (`rl/advantages.py`), whitened over
+    every process's batch if it uses a critic and `whiten_advantages` is set. One pass with a critic: the critic's
+    forward and backward run now and give the values on the way; their statistics are returned (else None)."""
+    estimator = ESTIMATORS[config.advantage]
+    critic_stats = None
+    if estimator.uses_critic and config.one_pass:
+        critic_stats = _critic_first(batch, list(range(len(batch.lengths))), config, learners)
     else:
-        if one_pass:
-            critic_stats = _critic_first(batch, list(range(len(kept))), config, critic, device, world)
-        else:
-            batch.advantages, batch.returns = advantages_from_values(batch.rewards, batch.values, mask, config)
-        if config.whiten_advantages:
-            moments = _all_reduce([float(x) for x in core.masked_moments(batch.advantages, mask)], device, world)
-            batch.advantages = core.masked_whiten(batch.advantages, mask,
-                                               tuple(torch.tensor(m, dtype=torch.float64) for m in moments))
-    # 6. PPO epochs over minibatches, actor and critic (the actor sits out the critic's warm-up, and a step whose
-    # kept groups all scored uniformly: a cold model that never follows the format, or one that always wins)
-    train_actor = step >= config.critic_warmup and (float(stds[chosen].max()) > 0 or not config.skip_uniform_steps)
-    if one_pass:
-        batch.old_logprobs = torch.zeros_like(mask)  # filled by the actor's pass
-    stats = update(batch, kept, config, actor if train_actor else None, critic, reference, device, step, world,
-                   critic_stats)
-    t_update = time.perf_counter() - t0
-    # 7. what happened, over all processes
+        batch.advantages, batch.returns = estimator.compute(batch.advantage_inputs(), config)
+    if estimator.uses_critic and config.whiten_advantages:
+        moments = core.masked_moments(batch.advantages, batch.mask)
+        summed = learners.sum({str(i): float(m) for i, m in enumerate(moments)})
+        batch.advantages = core.masked_whiten(batch.advantages, batch.mask, tuple(
+            torch.tensor(summed[str(i)], dtype=torch.float64) for i in range(len(moments))))
+    return critic_stats
+
+
+def step_metrics(episodes: list[Episode], trajectories: list[Trajectory], everything: list[Trajectory], batch: Batch,
+                 stds: torch.Tensor, chosen: torch.Tensor, train_actor: bool, config: RLConfig,
+                 learners: Learners) -> dict[str, float]:
+    """What a step's rollouts and batch show, over every process (`rollout/...`, `critic/...`, `perf/...`):
+    `episodes` and `trajectories` are this process's, `everything` every process's trajectories."""
     n_turns = sum(len(e.turns) for e in episodes)
     wm = world_model_metrics([(t.parsed.observation, t.parsed.prediction, t.state_before, t.state_after)
                               for e in episodes for t in e.turns])
-    local = [sum(float(e.success) for e in episodes), float(len(episodes)), float(generated), float(n_turns),
-             diversity["distinct_actions"], diversity["distinct_responses"],
-             float(core.masked_sum((batch.rollout_logprobs - batch.old_logprobs).abs(), batch.sampled)),
-             float(batch.sampled.sum()) if train_actor or not one_pass else 0.0,
-             float(sum(batch.lengths) * config.ppo_epochs),
-             wm["observation_exact"] * n_turns, wm["prediction_exact"] * n_turns,
-             sum(e.total_reward for e in episodes)]
-    (successes, n_episodes, tokens, turns, distinct_actions, distinct_responses, mismatch, sampled, trained,
-     observation_exact, prediction_exact, game_reward) = _all_reduce(local, device, world)
+    diversity = group_diversity(episodes, [t.group for t in trajectories])
+    one_pass = config.one_pass
+    s = learners.sum({
+        "successes": sum(float(e.success) for e in episodes), "episodes": float(len(episodes)),
+        "tokens": float(sum(len(t.response_ids) for e in episodes for t in e.turns)), "turns": float(n_turns),
+        "distinct_actions": diversity["distinct_actions"], "distinct_responses": diversity["distinct_responses"],
+        "mismatch": float(core.masked_sum((batch.rollout_logprobs - batch.old_logprobs).abs(), batch.sampled)),
+        "sampled": float(batch.sampled.sum()) if train_actor or not one_pass else 0.0,
+        "trained": float(sum(batch.lengths) * config.ppo_epochs),
+        "observation_exact": wm["observation_exact"] * n_turns, "prediction_exact": wm["prediction_exact"] * n_turns,
+        "game_reward": sum(e.total_reward for e in episodes)})
+    n_episodes, turns, world = max(s["episodes"], 1), max(s["turns"], 1), learners.world
     metrics = {
-        **stats,
-        **bonus_stats,
         "rollout/reward_mean": float(torch.tensor([t.score for t in everything]).mean()),
-        "rollout/game_reward_mean": game_reward / max(n_episodes, 1),
-        "rollout/success": successes / max(n_episodes, 1),
+        "rollout/game_reward_mean": s["game_reward"] / n_episodes,
+        "rollout/success": s["successes"] / n_episodes,
         "rollout/kept_group_std": float(stds[chosen].mean()),
         "rollout/actor_updated": float(train_actor),
         "rollout/group_std": float(stds.mean()),
-        "rollout/response_tokens": tokens / max(turns, 1),
-        "rollout/turns": turns / max(n_episodes, 1),
-        **({"rollout/logprob_mismatch": mismatch / sampled} if sampled else {}),  # one pass: the actor's forward
-        "rollout/distinct_actions": distinct_actions / world,
-        "rollout/distinct_responses": distinct_responses / world,
-        "rollout/observation_exact": observation_exact / max(turns, 1),
-        "rollout/prediction_exact": prediction_exact / max(turns, 1),
-        "time/generate": t_generate, "time/score": t_score, "time/update": t_update,
-        "perf/generated_tokens_per_s": tokens / world / max(t_generate, 1e-9),
-        "perf/trained_tokens": trained,
+        "rollout/response_tokens": s["tokens"] / turns,
+        "rollout/turns": s["turns"] / n_episodes,
+        # one pass: the actor's own forward gave the old log-probs (none when the actor sat out)
+        **({"rollout/logprob_mismatch": s["mismatch"] / s["sampled"]} if s["sampled"] else {}),
+        "rollout/distinct_actions": s["distinct_actions"] / world,
+        "rollout/distinct_responses": s["distinct_responses"] / world,
+        "rollout/observation_exact": s["observation_exact"] / turns,
+        "rollout/prediction_exact": s["prediction_exact"] / turns,
+        "perf/generated_tokens": s["tokens"],
+        "perf/trained_tokens": s["trained"],
         "perf/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     for name in ("prediction",) if config.curiosity_center else ("prediction", "novelty"):  # centred: 0 by design
         values = [v for t in everything for v in t.bonuses.get(name, [])]
         if values:
             metrics[f"rollout/{name}_bonus"] = sum(values) / len(values)
-    if critic is not None:
+    if learners.critic is not None:
+        mask = batch.mask
         explained = float(core.explained_variance(batch.values, batch.returns, mask))
         if math.isfinite(explained):  # undefined when every return is the same
             metrics["losses/explained_variance"] = explained
@@ -430,22 +560,15 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, tokenizer: Any,
     return metrics
 
 
-def advantages_from_values(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                           config: RLConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) [N, T-1] of rows by the configured critic-based estimator (before whitening)."""
-    if config.advantage == "gae":
-        return core.gae(rewards, values, mask, config.gamma, config.lam)
-    return core.bi_level_gae(rewards, values, mask, config.gamma, config.lam, config.turn_gamma)
-
-
-def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Trainable | None,
-           critic: Trainable | None, reference: PolicyModel | None, device: Any, step: int,
-           world: int, critic_stats: dict[str, float] | None = None) -> dict[str, float]:
-    """PPO epochs over minibatches: the actor's clipped loss (with entropy, KL and world-model terms) and the
-    critic's clipped value loss, gradients summed over processes (`actor` None: the critic only;
-    `critic_stats`: the critic's one pass already ran, `_critic_first`, and only its optimizer step is left).
-    Returns the mean statistics."""
-    per_process = config.minibatch_size // world
+# ------------------------------------------------------------------------------------------ the update
+def update(batch: Batch, kept: list[Trajectory], config: RLConfig, learners: Learners, step: int,
+           train_actor: bool = True, critic_stats: dict[str, float] | None = None) -> dict[str, float]:
+    """PPO epochs over minibatches: the actor's clipped loss (with entropy, KL and world-model terms; not when
+    `train_actor` is False) and the critic's clipped value loss, gradients summed over processes (`critic_stats`:
+    the critic's one pass already ran, `_critic_first`, and only its optimizer step is left). Returns the mean
+    statistics."""
+    actor, critic = learners.actor if train_actor else None, learners.critic
+    per_process = config.minibatch_size // learners.world
     generator = torch.Generator().manual_seed(config.seed * 7919 + step)
     totals: dict[str, float] = {}
     count = 0
@@ -453,16 +576,15 @@ def update(batch: Batch, kept: list[Trajectory], config: RLConfig, actor: Traina
         order = torch.randperm(len(kept), generator=generator).tolist()
         for start in range(0, len(kept), per_process):
             minibatch = order[start:start + per_process]
-            weights = token_weights(batch.mask, minibatch, config.loss_agg, device, world)
+            weights = token_weights(batch.mask, minibatch, config.loss_agg, learners)
             stats = {"weight": float(weights[minibatch].sum())}  # the critic's stats' weight if the actor sits out
             if actor is not None:
-                stats = _actor_minibatch(batch, kept, minibatch, weights, config, actor, reference, device, world)
+                stats = _actor_minibatch(batch, kept, minibatch, weights, config, learners)
             if critic_stats is not None:
                 stats.update(critic_stats)
             elif critic is not None:
-                stats.update(_critic_minibatch(batch, minibatch, weights, config, critic, device))
-            keys = sorted(stats)
-            stats = dict(zip(keys, _all_reduce([stats[k] for k in keys], device, world), strict=True))
+                stats.update(_critic_minibatch(batch, minibatch, weights, config, learners))
+            stats = learners.sum(stats)
             weight = stats.pop("weight")
             stats = {k: v / max(weight, 1e-12) if k in WEIGHTED_STATS else v for k, v in stats.items()}
             if actor is not None:
@@ -484,12 +606,12 @@ WEIGHTED_STATS = ("losses/clipfrac", "losses/dual_clipfrac", "losses/approx_kl",
 """Statistics summed as weight x value over micro-batches and processes, divided by the total weight."""
 
 
-def token_weights(mask: torch.Tensor, minibatch: list[int], agg: str, device: Any, world: int) -> torch.Tensor:
+def token_weights(mask: torch.Tensor, minibatch: list[int], agg: str, learners: Learners) -> torch.Tensor:
     """`core.token_weights` of a minibatch, its totals counted over every process."""
     rows = torch.tensor(minibatch)
     tokens = mask[rows].sum(-1)
-    total_tokens, total_rows = _all_reduce([float(tokens.sum()), float((tokens > 0).sum())], device, world)
-    return core.token_weights(mask, rows, agg, total_tokens, total_rows)
+    totals = learners.sum({"tokens": float(tokens.sum()), "rows": float((tokens > 0).sum())})
+    return core.token_weights(mask, rows, agg, totals["tokens"], totals["rows"])
 
 
 def _weighted(loss_and_stats: tuple[torch.Tensor, dict], weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -501,8 +623,8 @@ def _weighted(loss_and_stats: tuple[torch.Tensor, dict], weight: torch.Tensor) -
 
 
 def _actor_minibatch(batch: Batch, kept: list[Trajectory], minibatch: list[int], weights: torch.Tensor,
-                     config: RLConfig, actor: Trainable, reference: PolicyModel | None, device: Any,
-                     world: int) -> dict[str, float]:
+                     config: RLConfig, learners: Learners) -> dict[str, float]:
+    actor, reference, device = learners.actor, learners.reference, learners.device
     sums: dict[str, float] = {"weight": 0.0}
 
     def add(name: str, value: float) -> None:
@@ -544,24 +666,23 @@ def _actor_minibatch(batch: Batch, kept: list[Trajectory], minibatch: list[int],
         for k, v in stats.items():
             add(f"losses/{k}", v)
     if config.world_model_coef > 0:
-        sums["losses/world_model"] = _world_model_loss(kept, minibatch, config, actor, device, world)
+        sums["losses/world_model"] = _world_model_loss(kept, minibatch, config, learners)
     return sums
 
 
-def _world_model_loss(kept: list[Trajectory], minibatch: list[int], config: RLConfig, actor: Trainable,
-                      device: Any, world: int) -> float:
+def _world_model_loss(kept: list[Trajectory], minibatch: list[int], config: RLConfig, learners: Learners) -> float:
     """Cross-entropy (at temperature 1, as SFT trains) on the true states of the minibatch's episodes rewritten as
     self-play data, weighted by `world_model_coef` and normalised by the state tokens over all processes, into the
     actor's gradients. Returns this process's share of the mean NLL per state token."""
+    actor = learners.actor
     sequences = [kept[i].world_model for i in minibatch if kept[i].world_model is not None]
-    local = sum(sum(mask[1:]) for _, mask in sequences)
-    (total,) = _all_reduce([float(local)], device, world)
+    total = learners.sum({"tokens": float(sum(sum(mask[1:]) for _, mask in sequences))})["tokens"]
     if total == 0:
         return 0.0
     wm = Batch.of_sequences(sequences, pad_id=0) if sequences else None
     nll_sum = 0.0
     for idx in actor.in_lockstep(wm.micro(list(range(len(sequences))), config) if wm else []):
-        ids, attention, keep, _ = wm.rows(idx, device)
+        ids, attention, keep, _ = wm.rows(idx, learners.device)
         with actor.autocast():
             logp, _ = actor.model(ids, attention, keep, temperature=1.0)
         nll = -logp.sum()
@@ -570,18 +691,18 @@ def _world_model_loss(kept: list[Trajectory], minibatch: list[int], config: RLCo
     return nll_sum / total
 
 
-def _critic_first(batch: Batch, minibatch: list[int], config: RLConfig, critic: Trainable, device: Any,
-                  world: int) -> dict[str, float]:
+def _critic_first(batch: Batch, minibatch: list[int], config: RLConfig, learners: Learners) -> dict[str, float]:
     """The critic's one pass when the update is one pass (`RLConfig.one_pass`): its forward gives the old values,
     from which each micro-batch's rows get their advantages and returns before the value loss's backward (GAE is
     per row). Fills `batch.values`, `.advantages` and `.returns`; returns the critic's statistics."""
-    batch.values, batch.advantages, batch.returns = (torch.zeros_like(batch.mask) for _ in range(3))
-    weights = token_weights(batch.mask, minibatch, config.loss_agg, device, world)
-    return _critic_minibatch(batch, minibatch, weights, config, critic, device, first=True)
+    weights = token_weights(batch.mask, minibatch, config.loss_agg, learners)
+    return _critic_minibatch(batch, minibatch, weights, config, learners, first=True)
 
 
 def _critic_minibatch(batch: Batch, minibatch: list[int], weights: torch.Tensor, config: RLConfig,
-                      critic: Trainable, device: Any, first: bool = False) -> dict[str, float]:
+                      learners: Learners, first: bool = False) -> dict[str, float]:
+    critic, device = learners.critic, learners.device
+    estimator = ESTIMATORS[config.advantage]
     sums = {"losses/value_loss": 0.0, "losses/value_clipfrac": 0.0}
     for idx in critic.in_lockstep(batch.micro(minibatch, config)):
         ids, attention, keep, width = batch.rows(idx, device)
@@ -591,10 +712,8 @@ def _critic_minibatch(batch: Batch, minibatch: list[int], weights: torch.Tensor,
             values_flat = critic.model(ids, attention, keep)
         values = torch.zeros(w.shape, device=device, dtype=values_flat.dtype).masked_scatter(keep, values_flat)
         if first:  # these are the old values: the rows' advantages and returns follow from them
-            old_values = values.detach().float().cpu()
-            batch.values[rows, :width - 1] = old_values
-            advantages, returns = advantages_from_values(batch.rewards[rows, :width - 1], old_values,
-                                                         batch.mask[rows, :width - 1], config)
+            batch.values[rows, :width - 1] = values.detach().float().cpu()
+            advantages, returns = estimator.compute(batch.advantage_inputs(rows, width - 1), config)
             batch.advantages[rows, :width - 1], batch.returns[rows, :width - 1] = advantages, returns
         old = batch.values[rows, :width - 1].to(device)
         returns = batch.returns[rows, :width - 1].to(device)
