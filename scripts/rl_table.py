@@ -22,7 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from spa_rl.pipeline.report import largest_pass_at_k, plot_validation, run_summary
+from spa_rl.pipeline.report import run_summary
+from spa_rl.plots import largest_pass_at_k, plot_validation
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -37,7 +38,7 @@ def main(root: str = "runs/curves", png: str | None = None, prefix: str = "") ->
     if not dirs:
         sys.exit(f"no spa train run under {root} named {prefix}*: run bash scripts/rl_curves.sh first")
     summaries = [run_summary(d) for d in dirs]
-    runs = {str(d.relative_to(root)): s["rl_rows"] for d, s in zip(dirs, summaries, strict=True)}
+    runs = {str(d.relative_to(root)): s.rl_rows for d, s in zip(dirs, summaries, strict=True)}
     k = largest_pass_at_k([r for rows in runs.values() for r in rows])
     cols = ("val/pass@1", k, "val/format_rate", "val/observation_exact", "val/prediction_exact",
             "val/prediction_cell_acc", "val/copy_exact_baseline")

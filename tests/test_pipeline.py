@@ -1,5 +1,5 @@
 """`spa run` end to end with the smoke preset (a tiny random model): every recipe, resuming inside each stage,
-refusals, the report and `spa compare`, `spa imagine`."""
+refusals, the report and `spa compare`."""
 
 from __future__ import annotations
 
@@ -115,22 +115,32 @@ def test_a_killed_run_resumes_from_the_stage_it_was_in(tmp_path, monkeypatch):
     assert [r["step"] for r in read_jsonl(killed / "rl" / "metrics.jsonl") if "losses/policy_loss" in r] == [1, 2]
 
 
-def test_reruns_and_refusals(tmp_path, capsys):
-    root = tmp_path / "run"
-    argv = ["run", "spa", "--preset", "smoke", "--out", str(root), "--no-tensorboard"]
-    assert main(argv) == 0
-    capsys.readouterr()
-    assert main(argv) == 0, "a finished run: says so and points to its report"
-    assert "already holds this finished run" in capsys.readouterr().err
-    assert main(["run", "vanilla-rl", "--preset", "smoke", "--out", str(root), "--no-tensorboard"]) == 2
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["run", "spa", "--preset", "smoke", "--out", str(root), "--no-tensorboard"]) == 0
+    return root
+
+
+def test_a_finished_run_reruns_as_finished(finished_run, capsys):
+    assert main(["run", "spa", "--preset", "smoke", "--out", str(finished_run), "--no-tensorboard"]) == 0
+    assert "already holds this finished run" in capsys.readouterr().err, "says so and points to its report"
+
+
+def test_another_recipe_in_a_runs_directory_is_refused_in_one_line(finished_run, capsys):
+    assert main(["run", "vanilla-rl", "--preset", "smoke", "--out", str(finished_run), "--no-tensorboard"]) == 2
     err = capsys.readouterr().err
     assert 'recipe: "spa" -> "vanilla-rl"' in err and err.count("\n") == 1
+
+
+def test_an_unknown_recipe_preset_or_stage_is_refused(tmp_path, capsys):
     assert main(["run", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown recipe 'nope': use one of spa, spa-masked" in capsys.readouterr().err
     assert main(["run", "spa", "--preset", "huge", "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset 'huge': use one of cpu, paper, smoke" in capsys.readouterr().err
     with pytest.raises(SpaError, match="unknown stages"):
         _config("spa", tmp_path / "y", stages=["collect", "dance"])
+    assert not (tmp_path / "x").exists(), "nothing written"
 
 
 def test_a_users_own_recipe_file(tmp_path):
@@ -161,25 +171,3 @@ def test_compare_overlays_runs_and_averages_seeds(tmp_path, capsys):
     assert f"{last['val/pass@1']:.3f}" in page.split("1 seed(s): rl")[1].split("</tr>")[0]
     assert main(["compare", str(tmp_path), "--out", str(out)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
-
-
-def test_imagine_feeds_predictions_back_as_the_state(tokenizer):
-    """In imagination the agent is shown its own prediction of the previous turn, the env keeps the truth, and the
-    metrics compare each prediction with the true state."""
-    from test_rollout import ScriptedBackend
-
-    from spa_rl.imagine import imagination_metrics
-    from spa_rl.rollout import RolloutConfig, RolloutEngine
-
-    text = ("<think> <observation> ##\n#P </observation> go <prediction> IMAGINED\n#P# </prediction> </think> "
-            "<answer> Left </answer>")
-    engine = RolloutEngine(RolloutConfig(env="sokoban", max_turns=3, imagine=True), ScriptedBackend(tokenizer, [text]),
-                           tokenizer)
-    (episode,) = engine.run([5])
-    first, second = episode.turns[0], episode.turns[1]
-    assert first.shown == first.state_before, "turn 1 shows the true puzzle"
-    assert second.shown == "IMAGINED\n#P#" and second.state_before != second.shown
-    assert "IMAGINED" in episode.messages[3]["content"]
-    m = imagination_metrics([episode])
-    assert [s["step"] for s in m["steps"]] == [1, 2, 3] and m["mean_exact"] == 0.0
-    assert all(s["copy_cells"] > 0 for s in m["steps"])

@@ -1,16 +1,23 @@
-"""Plots of a run's metrics, written as PNG next to them (matplotlib, no display needed).
+"""Every plot spa-rl draws (matplotlib, no display needed): a stage's curves written as PNG next to its metrics
+(`loss.png`, `curves.png`, `rounds.png`), and the report's figures as PNG bytes (`report_figures`).
 
-This module must never compute metrics: it only draws what `metrics.jsonl` and `rounds.jsonl` hold.
+This module must never compute metrics: it only draws what `metrics.jsonl`, `rounds.jsonl` and a run's summary
+(`pipeline.report.RunSummary`) hold.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure  # no pyplot: no GUI backend is chosen or needed
 from matplotlib.ticker import MaxNLocator
 
 from spa_rl.io import read_jsonl
+
+if TYPE_CHECKING:
+    from spa_rl.pipeline.report import RunSummary
 
 
 def plot_sft(run_dir: str | Path) -> Path | None:
@@ -118,3 +125,107 @@ def plot_rl(run_dir: str | Path) -> Path | None:
     out = run_dir / "curves.png"
     rl_figure(rows, name).savefig(out, dpi=110)
     return out
+
+
+# ------------------------------------------------------------------------------------------ the report's plots
+def largest_pass_at_k(rows: list[dict]) -> str:
+    """The validation Pass@k with the largest k the RL stage logged (k is at most its samples per puzzle)."""
+    ks = [int(key.removeprefix("val/pass@")) for r in rows for key in r
+          if key.startswith("val/pass@") and key.removeprefix("val/pass@").isdigit()]
+    return f"val/pass@{max(ks, default=8)}"
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _finish(fig: Figure, ax: Any, title: str, xlabel: str = "", ylabel: str = "",
+            integer_x: bool = False) -> bytes:
+    """The report's plot style (title, labels, grid, legend) applied to `ax`; the figure as PNG bytes."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if len(ax.get_legend_handles_labels()[1]) > 4:  # many lines: the legend beside the plot, not over its lines
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.set_figwidth(fig.get_figwidth() + 3)  # room for it, so the plot and its title keep their width
+    else:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_validation(summaries: list[RunSummary], keys: tuple[str, ...], title: str) -> bytes | None:
+    """Metrics against the RL step, one line per run and key. With several runs, a run is a colour and a key a line
+    style, and earlier runs are drawn wider underneath, so that runs with equal values still show."""
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
+    drawn = False
+    styles = ("o-", "s--", "^:", "d-.")
+    for i, s in enumerate(summaries):
+        width = 1.3 if len(summaries) == 1 else 1.0 + 2.0 * (len(summaries) - 1 - i) / (len(summaries) - 1)
+        for j, key in enumerate(keys):
+            if not s.shows(key):
+                continue  # a plain-format run has no world model to score
+            points = [(r["step"], r[key]) for r in s.rl_rows if isinstance(r.get(key), int | float)]
+            if points:
+                name = key.removeprefix("val/")
+                label, colour = (name, None) if len(summaries) == 1 else (f"{s.name}: {name}", f"C{i % 10}")
+                ax.plot(*zip(*points, strict=True), styles[j % len(styles)], color=colour, ms=2 + width, lw=width,
+                        label=label)
+                drawn = True
+    if drawn:
+        ax.set_xlim(*step_limits([r["step"] for s in summaries for r in s.rl_rows if "step" in r]))
+    return _finish(fig, ax, title, xlabel="RL step", integer_x=True) if drawn else None
+
+
+def plot_novelty(summaries: list[RunSummary]) -> bytes | None:
+    """Held-out state perplexity of each stage's model."""
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.subplots()
+    drawn = False
+    for s in summaries:
+        stages = s.novelty or []
+        if stages:
+            ax.plot([x["stage"] for x in stages], [x["perplexity"] for x in stages], "o-", label=s.name)
+            drawn = True
+    return _finish(fig, ax, "novelty of validation states under each stage's model (lower: more familiar)",
+                   ylabel="held-out state perplexity") if drawn else None
+
+
+def plot_imagination(summaries: list[RunSummary]) -> bytes | None:
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.subplots()
+    drawn = False
+    for s in summaries:
+        imag = s.imagine
+        if imag and imag["steps"]:
+            steps = [x["step"] for x in imag["steps"]]
+            ax.plot(steps, [x["cells"] for x in imag["steps"]], "o-", label=f"{s.name}: imagined, cells")
+            ax.plot(steps, [x["copy_cells"] for x in imag["steps"]], ":", label=f"{s.name}: nothing changes")
+            drawn = True
+    return _finish(fig, ax, "open-loop world model", xlabel="turn (from 2 on, the agent sees only its own predictions)",
+                   ylabel="cell accuracy", integer_x=True) if drawn else None
+
+
+def report_figures(summaries: list[RunSummary]) -> list[tuple[str, bytes]]:
+    """The report's figures (title, PNG bytes), the ones with something to draw."""
+    out = [
+        ("Validation Pass@1 and Pass@k", plot_validation(summaries, ("val/pass@1", largest_pass_at_k(
+            [r for summary in summaries for r in summary.rl_rows])),
+                                                          "validation Pass@k against the RL step")),
+        ("World-model accuracy", plot_validation(summaries, ("val/observation_exact", "val/prediction_exact",
+                                                              "val/copy_exact_baseline"),
+                                                  "validation world-model accuracy (exact) against the RL step")),
+        ("Reward", plot_validation(summaries, ("rollout/reward_mean", "rollout/success"),
+                                   "training episodes: reward and success")),
+        ("Losses", plot_validation(summaries, ("losses/policy_loss", "losses/value_loss", "losses/entropy"),
+                                   "PPO losses")),
+        ("Novelty", plot_novelty(summaries)),
+        ("Imagination", plot_imagination(summaries)),
+    ]
+    return [(title, png) for title, png in out if png is not None]

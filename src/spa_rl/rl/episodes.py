@@ -60,12 +60,12 @@ def system_prefix_length(tokenizer: Any, messages: list[dict[str, str]], ids: li
 
 
 def per_turn_bonuses(episodes: list[Episode], config: RLConfig, novelty_of: Callable[[list[str]], list[float]],
-                     reduce: Callable[[list[float]], list[float]] = lambda values: values,
+                     reduce: Callable[[dict[str, float]], dict[str, float]] = dict,
                      ) -> tuple[list[dict[str, tuple[float, list[float]]]], dict[str, float]]:
     """For each episode, its bonuses by name: (coefficient, value per turn); and the step's statistics of them
     (`rollout/novelty`: the mean N(s') of the turns that moved, before centering). `novelty_of`: N(s) of each state
-    (`novelty.state_novelty` with the actor); `reduce`: sums a list of numbers over every process (the identity with
-    one), so that the centring uses the mean over all of them."""
+    (`novelty.state_novelty` with the actor); `reduce`: sums named numbers over every process (a copy, with one), so
+    that the centring uses the mean over all of them."""
     out: list[dict[str, tuple[float, list[float]]]] = [{} for _ in episodes]
     stats: dict[str, float] = {}
     if config.prediction_reward > 0:
@@ -77,7 +77,8 @@ def per_turn_bonuses(episodes: list[Episode], config: RLConfig, novelty_of: Call
         raw = [[novelty[t.state_after] if t.state_after != t.state_before else None for t in e.turns]
                for e in episodes]
         values = [v for r in raw for v in r if v is not None]
-        total, count, turns = reduce([sum(values), float(len(values)), float(sum(map(len, raw)))])
+        s = reduce({"total": sum(values), "count": float(len(values)), "turns": float(sum(map(len, raw)))})
+        total, count, turns = s["total"], s["count"], s["turns"]
         mean = total / count if count else 0.0
         shift = mean if config.curiosity_center else 0.0
         for d, r in zip(out, raw, strict=True):
