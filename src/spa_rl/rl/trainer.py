@@ -1,5 +1,6 @@
 """`spa train`: multi-turn PPO with a critic (or GRPO, or turn-level GAE) for LLM agents, from any checkpoint
-(docs/method.md §6). The algorithm reads top to bottom in `train_rl`; the maths is in `core.py`.
+(docs/method.md §6). The loop reads top to bottom in `train_rl` and one step in `ppo_step`; the settings are
+`config.py`'s `RLConfig`, the maths is in `core.py`, the advantage estimators in `advantages.py`.
 
 Each step: play `puzzles_per_step` training puzzles × `samples_per_puzzle` episodes with the fast rollout
 engine on the actor's current weights; add the per-turn bonuses; keep the groups whose rewards vary most; score
@@ -327,23 +328,23 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
     meta = {"stage": "rl", "config": to_dict(config), "precision": learners.actor.precision.name,
             "base_model": config.model.model}
     with progress_bar(transient=quiet or not learners.main) as bar:
-        if step == 0 and config.eval_before and log:
+        if step == 0 and config.eval_before and log is not None:
             log.log(step, evaluate_policy(engine, config, bar))
         task = bar.add_task("PPO", total=config.steps, completed=step, unit="steps")
         while step < config.steps:
             metrics = ppo_step(step, config, engine, learners)
             learners.refresh_rollout_copy(metrics)
             step += 1
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps and log:
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps and learners.main:
                 metrics.update(evaluate_policy(engine, config, bar))
                 release_free_memory()
-            if log:
+            if log is not None:
                 log.log(step, metrics)
             bar.advance(task)
             check_finite(metrics, step, ckpt)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 save_checkpoint(ckpt, step, learners, meta)
-        final = {**(evaluate_policy(engine, config, bar) if log else {}), **consistency_checks(learners)}
+        final = {**(evaluate_policy(engine, config, bar) if learners.main else {}), **consistency_checks(learners)}
     finish(out.path, step, final, ckpt, learners, log, meta)
     return read_json(out.path / "result.json", "result")
 
@@ -362,11 +363,11 @@ def finish(out: Path, step: int, final: dict[str, float], ckpt: Checkpointer, le
            log: RunLogger | None, meta: dict) -> None:
     """Log the final validation, checkpoint, then write the trained models and `result.json` (last: its presence
     marks the run finished), drop the checkpoint and plot the curves."""
-    if log:
+    if log is not None:
         log.log(step, final)
     save_checkpoint(ckpt, step, learners, meta)
     save_final(out, step, final, learners, meta)
-    if log:
+    if log is not None:  # the main process
         ckpt.discard()
         log.close()
         plot_rl(out)
