@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 
 from spa_rl.cli import main
-from spa_rl.config import Config, add_arguments, from_args, read_config_file, setting
+from spa_rl.config import Config, add_arguments, from_args, read_config_file, setting, to_dict
 from spa_rl.errors import SpaError
 from spa_rl.outputs import claim_output
 
@@ -189,6 +189,29 @@ def test_another_process_claiming_the_same_directory_is_not_foreign_files(tmp_pa
     (other / ".metrics.jsonl.k2j4x1").write_text("")
     with pytest.raises(SpaError, match="not empty and was not made by"):
         claim_output(other, "demo-stage", Outer(out=str(other)))
+
+
+def test_a_config_written_by_another_process_while_we_look_is_theirs_not_foreign(tmp_path, monkeypatch):
+    """The other process of the launch renames its config.json into place just after this one found none: the
+    directory then holds this stage's config, not foreign files. (CI caught rank 1 refusing the directory in that
+    window.)"""
+    run = tmp_path / "run"
+    run.mkdir()
+    config = Outer(out=str(run))
+    real_is_file, seen = type(run).is_file, []
+
+    def racing(self):
+        if self.name == "config.json" and not seen:  # our first look: empty; their rename lands right after it
+            seen.append(self)
+            (run / "config.json").write_text(json.dumps({"stage": "demo-stage", "spa_rl": "x",
+                                                         "config": json.loads(json.dumps(to_dict(config)))}))
+            return False
+        return real_is_file(self)
+
+    monkeypatch.setattr(type(run), "is_file", racing)
+    claimed = claim_output(run, "demo-stage", config)
+    assert seen and not claimed.finished
+    assert json.loads((run / "config.json").read_text())["stage"] == "demo-stage"
 
 
 def test_a_run_from_before_a_setting_existed_resumes_at_its_default(tmp_path):

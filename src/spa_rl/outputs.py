@@ -85,6 +85,8 @@ def claim_output(path: str | Path, stage: str, config: Any, done: str | None = N
         atomic_write_json(file, record)  # volatile settings (logging sinks) may have changed
         return Output(path, True, done is not None and (path / done).exists())
     if path.is_dir() and any(not _scratch(p.name) for p in path.iterdir()):
+        if file.is_file():  # another process of the same launch wrote config.json since we looked: claim it as theirs
+            return claim_output(path, stage, config, done, command, path_key)
         raise SpaError(f"{path} is not empty and was not made by `{command}`: pass a new or empty output directory")
     writable_dir(path)
     atomic_write_json(file, record)
