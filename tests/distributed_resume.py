@@ -82,7 +82,7 @@ def main() -> None:
     trainer.make_backend = lambda name, model, tokenizer: Scripted(model, tokenizer)
     train_rl(config(f"{out}/whole", shard=False), quiet=True)
     train_rl(config(f"{out}/straight", shard=True), quiet=True)
-    original, calls = trainer.ppo_step, {"n": 0}
+    original, calls = trainer.rl_step, {"n": 0}
 
     def interrupted(*args, **kwargs):  # every process stops at the same point: its third step
         calls["n"] += 1
@@ -90,10 +90,10 @@ def main() -> None:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    trainer.ppo_step = interrupted
+    trainer.rl_step = interrupted
     with contextlib.suppress(KeyboardInterrupt):
         train_rl(config(f"{out}/resumed", shard=True), quiet=True)
-    trainer.ppo_step = original
+    trainer.rl_step = original
     if not (Path(out) / "resumed" / "checkpoint").is_dir() or (Path(out) / "resumed" / "result.json").exists():
         raise SystemExit("the run was not interrupted after a checkpoint: the resume would test nothing")
     train_rl(config(f"{out}/resumed", shard=True), quiet=True)

@@ -14,7 +14,7 @@ from spa_rl.errors import SpaError
 from spa_rl.io import read_jsonl
 from spa_rl.pipeline.run import RunConfig, make_run_config, recipes, run_pipeline
 
-RECIPES = ("spa", "vanilla-rl", "state-estimation-rl", "spa-masked", "spa-self-belief", "spa-random-data")
+RECIPES = ("spa", "vanilla-rl", "state-estimation-rl", "spa-masked", "spa-self-belief", "spa-random-data", "spa-dpo")
 
 
 def _config(recipe: str, out, **extra) -> RunConfig:
@@ -92,18 +92,18 @@ def test_a_killed_run_resumes_from_the_stage_it_was_in(tmp_path, monkeypatch):
         monkeypatch.setattr(run, target, interrupted)
         if stage == "eval":  # before eval, RL: killed after its first step
             steps = {"n": 0}
-            ppo_step = trainer.ppo_step
+            rl_step = trainer.rl_step
 
-            def second_step_killed(*a, _steps=steps, _ppo_step=ppo_step, **k):
+            def second_step_killed(*a, _steps=steps, _rl_step=rl_step, **k):
                 _steps["n"] += 1
                 if _steps["n"] == 2:
                     raise KeyboardInterrupt
-                return _ppo_step(*a, **k)
+                return _rl_step(*a, **k)
 
-            monkeypatch.setattr(trainer, "ppo_step", second_step_killed)
+            monkeypatch.setattr(trainer, "rl_step", second_step_killed)
             with pytest.raises(KeyboardInterrupt):
                 run_pipeline(_config("spa", killed), quiet=True)
-            monkeypatch.setattr(trainer, "ppo_step", ppo_step)
+            monkeypatch.setattr(trainer, "rl_step", rl_step)
             assert (killed / "rl" / "checkpoint").is_dir() and not (killed / "rl" / "result.json").exists()
         with pytest.raises(KeyboardInterrupt):
             run_pipeline(_config("spa", killed), quiet=True)

@@ -10,6 +10,7 @@ import torch
 from spa_rl.rl.core import (
     aggregate,
     bi_level_gae,
+    dpo_loss,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -18,6 +19,7 @@ from spa_rl.rl.core import (
     kl_penalty,
     masked_whiten,
     policy_loss,
+    preference_pairs,
     token_weights,
     truncated_is_weights,
     turn_ends,
@@ -218,3 +220,30 @@ def test_the_k_estimators_gradients_as_a_loss():
     kl = lambda a: (a.exp() * (a - ref)).sum()  # noqa: E731
     assert kl(stepped) < kl(policy), "a k3 gradient step moves the policy towards the reference"
 
+
+
+def test_preference_pairs_within_groups_largest_difference_first_ties_dropped():
+    scores = T([1.0, 0.0, 0.5, 0.0, 2.0, 2.0, 3.0])
+    groups = T([0, 0, 0, 0, 1, 1, 2])
+    # group 0: 1>0 (rows 0,1; 0,3) by 1.0, 1>0.5 (0,2) and 0.5>0 (2,1; 2,3) by 0.5; group 1 ties; group 2 alone
+    assert preference_pairs(scores, groups).tolist() == [[0, 1], [0, 3], [0, 2], [2, 1], [2, 3]]
+    assert preference_pairs(scores, groups, per_group=2).tolist() == [[0, 1], [0, 3]]
+    assert preference_pairs(T([1.0, 1.0]), T([0, 0])).shape == (0, 2)
+
+
+def test_dpo_and_ipo_losses_by_hand():
+    chosen, rejected = T([-3.0, -5.0]), T([-4.0, -2.0])
+    ref_chosen, ref_rejected = T([-3.5, -5.0]), T([-3.0, -2.5])
+    # h = (c - rc) - (r - rr): pair 0: 0.5 - (-1.0) = 1.5; pair 1: 0.0 - 0.5 = -0.5
+    losses, rc, rr = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.2)
+    expected = [-math.log(1 / (1 + math.exp(-0.2 * 1.5))), -math.log(1 / (1 + math.exp(0.2 * 0.5)))]
+    assert losses.tolist() == pytest.approx(expected)  # 0.5544, 0.7444
+    assert rc.tolist() == pytest.approx([0.1, 0.0]) and rr.tolist() == pytest.approx([-0.2, 0.1])
+    ipo, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.2, kind="ipo")
+    assert ipo.tolist() == pytest.approx([(1.5 - 2.5) ** 2, (-0.5 - 2.5) ** 2])  # 1 / (2 * 0.2) = 2.5
+    # the gradient raises the chosen and lowers the rejected log-prob
+    c, r = chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)
+    dpo_loss(c, r, ref_chosen, ref_rejected, beta=0.2)[0].sum().backward()
+    assert (c.grad < 0).all() and (r.grad > 0).all()
+    with pytest.raises(ValueError, match="unknown DPO loss"):
+        dpo_loss(chosen, rejected, ref_chosen, ref_rejected, kind="kto")

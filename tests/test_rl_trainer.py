@@ -63,7 +63,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path
     import spa_rl.rl.trainer as trainer
 
     straight = train_rl(_config(tmp_path / "a", tiny_model_dir, steps=3, save_every=1), quiet=True)
-    original = trainer.ppo_step
+    original = trainer.rl_step
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -72,10 +72,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path
             raise KeyboardInterrupt
         return original(*a, **k)
 
-    monkeypatch.setattr(trainer, "ppo_step", flaky)
+    monkeypatch.setattr(trainer, "rl_step", flaky)
     with pytest.raises(KeyboardInterrupt):
         train_rl(_config(tmp_path / "b", tiny_model_dir, steps=3, save_every=1), quiet=True)
-    monkeypatch.setattr(trainer, "ppo_step", original)
+    monkeypatch.setattr(trainer, "rl_step", original)
     resumed = train_rl(_config(tmp_path / "b", tiny_model_dir, steps=3, save_every=1), quiet=True)
     assert resumed == straight
     for part in ("model/model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
@@ -148,6 +148,9 @@ def test_masks_cover_exactly_the_agents_tokens_over_a_multi_turn_episode(tokeniz
     (dict(steps=3, critic_warmup=3), "leaves the actor no step"),
     (dict(shard_weights=True, shard_optimizer=True), "drop --shard-optimizer"),
     (dict(shard_weights=True, lora=True), "shard_weights is for full fine-tunes"),
+    (dict(algorithm="dpo", samples_per_puzzle=1), "dpo needs samples_per_puzzle >= 2"),
+    (dict(algorithm="dpo", reference="none"), "dpo needs a reference model"),
+    (dict(algorithm="dpo", kl_coef=0.1), "kl_coef is a PPO setting: algorithm dpo does not use it"),
 ])
 def test_settings_that_cannot_work_together_are_refused(tmp_path, settings, message):
     with pytest.raises(SpaError, match=message):
@@ -668,3 +671,110 @@ def test_the_world_model_term_lowers_the_nll_of_the_true_states(tokenizer):
     before = nll()
     stats = update(batch, trajectories, config, learners, 0)
     assert stats["losses/world_model"] > 0 and nll() < before - 1e-2, (before, nll())
+
+
+@pytest.mark.parametrize(("loss", "sft_coef"), [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.5)])
+def test_a_dpo_update_is_the_gradient_of_the_dpo_loss_on_the_agents_tokens_only(tokenizer, monkeypatch, loss,
+                                                                                 sft_coef):
+    """`dpo_update`'s two-pass gradient (log-probs without gradient, then one micro-batch at a time) is the
+    gradient of the DPO loss written directly, over a pair of two-turn episodes whose environment text between the
+    turns carries no loss; the same loss with the environment's tokens counted has another gradient (so this test
+    would catch them being trained on)."""
+    from conftest import build_tiny_model
+
+    from spa_rl.rl import core
+    from spa_rl.rl.episodes import Trajectory
+    from spa_rl.rl.models import PolicyModel
+    from spa_rl.rl.trainer import Learners, dpo_update, score_rows
+    from spa_rl.training import Trainable, make_accelerator, resolve_precision
+
+    torch.manual_seed(2)
+    trajectories = []
+    for score in (1.0, 0.0):
+        ids = torch.randint(10, 500, (30,)).tolist()
+        mask = [0] * 8 + [1] * 6 + [0] * 7 + [1] * 9  # prompt, turn 1, the environment's reply, turn 2
+        trajectories.append(Trajectory(ids, mask, mask, [0.0] * 30, [0.0] * 30, 0, score))
+    config = RLConfig.make(out="x", algorithm="dpo", dpo_loss=loss, dpo_beta=0.5, dpo_sft_coef=sft_coef,
+                           keep_ratio=1.0, puzzles_per_step=1, samples_per_puzzle=2, micro_batch_size=1,
+                           dtype="fp32")
+    actor = Trainable(PolicyModel(build_tiny_model(tokenizer).eval()), resolve_precision("fp32", "cpu", training=True),
+                      make_accelerator("cpu"), lr=1e-3, total_steps=1, schedule="constant", max_grad_norm=1e9)
+    reference = PolicyModel(build_tiny_model(tokenizer, seed=1).eval().requires_grad_(False))
+    batch = Batch.of(trajectories, pad_id=0)
+    batch.ref_logprobs = score_rows(reference, batch, config, "cpu", autocast=actor.autocast)
+    batch.old_logprobs = score_rows(actor, batch, config, "cpu")
+
+    def direct(mask):  # the DPO loss of the pair written out, and its gradient, at the actor's current weights
+        ids, attention, _, width = batch.rows([0, 1], "cpu")
+        keep = mask[:, :width - 1].bool()
+        logp = torch.zeros(keep.shape).masked_scatter(keep, actor.model(ids, attention, keep)[0])
+        ref = torch.zeros(keep.shape).masked_scatter(keep, reference(ids, attention, keep)[0])
+        per = mask.sum(-1) if loss == "ipo" else torch.ones(2)
+        seq, ref = logp.sum(-1) / per, ref.sum(-1) / per
+        value = core.dpo_loss(seq[:1], seq[1:], ref[:1], ref[1:], 0.5, loss)[0].sum()
+        (value - sft_coef * logp[0].sum() / mask[0].sum()).backward()
+        grads = [p.grad.clone() for p in actor.params]
+        actor.optimizer.zero_grad(set_to_none=True)
+        return float(value.detach()), grads
+
+    value, expected = direct(batch.mask)
+    with_environment = batch.mask.clone()
+    with_environment[:, 7:] = 1.0  # every token after the prompt, the environment's reply included
+    _, wrong = direct(with_environment)
+    captured = []
+    real_step = actor.step
+    monkeypatch.setattr(actor, "step", lambda: captured.append([p.grad.clone() for p in actor.params]) or real_step())
+    stats = dpo_update(batch, config, Learners(actor, None, reference, None, tokenizer, actor.accelerator, False), 0)
+    assert stats["dpo/pairs"] == 1 and stats["rewards/accuracies"] in (0.0, 1.0)
+    assert stats["losses/dpo_loss"] == pytest.approx(value, rel=1e-5)
+    (got,) = captured
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(g, w, rtol=1e-3, atol=1e-6) for g, w in zip(got, wrong, strict=True))
+
+
+def test_dpo_runs_end_to_end_logs_trls_names_and_resumes_exactly(tiny_model_dir, tmp_path, tokenizer, monkeypatch):
+    """`--algorithm dpo` over scripted play whose episodes differ (some turns break the format, so scores vary within
+    a puzzle's group): pairs form, the actor moves, the metrics carry TRL's names, no critic is trained, and a run
+    killed at its third step resumes to the weights of one run straight through."""
+    from test_rollout import ScriptedBackend
+
+    import spa_rl.rl.trainer as trainer
+
+    class Scripted(ScriptedBackend):
+        def reset(self):
+            pass
+
+    good = "<think> <observation> x </observation> go <prediction> y </prediction> </think> <answer> {} </answer>"
+    texts = [good.format("Right"), "no format at all", good.format("Down"), good.format("Down")]
+    monkeypatch.setattr(trainer, "make_backend", lambda *a, **k: Scripted(tokenizer, texts))
+    settings = dict(steps=3, save_every=1, algorithm="dpo", dpo_sft_coef=0.1, eval_before=False)
+    straight = train_rl(_config(tmp_path / "a", tiny_model_dir, **settings), quiet=True)
+    rows = [r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "dpo/pairs" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["dpo/pairs"] > 0 for r in rows), "scripted play gives groups whose scores differ"
+    for key in ("losses/dpo_loss", "losses/sft_nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins", "logps/chosen", "logps/rejected", "losses/grad_norm"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert rows[0]["rewards/chosen"] == rows[0]["rewards/rejected"] == 0, "the actor starts as its reference"
+    assert rows[0]["losses/dpo_loss"] == pytest.approx(math.log(2), rel=1e-4)
+    assert 0 <= rows[-1]["rewards/accuracies"] <= 1 and "losses/value_loss" not in rows[0]
+    assert not (tmp_path / "a" / "critic").exists() and (tmp_path / "a" / "curves.png").is_file()
+    original, calls = trainer.rl_step, {"n": 0}
+
+    def killed(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(trainer, "rl_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(_config(tmp_path / "b", tiny_model_dir, **settings), quiet=True)
+    monkeypatch.setattr(trainer, "rl_step", original)
+    assert train_rl(_config(tmp_path / "b", tiny_model_dir, **settings), quiet=True) == straight
+    a, b = load_file(tmp_path / "a" / "model" / "model.safetensors"), load_file(tmp_path / "b" / "model" /
+                                                                                "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in start), "the actor trained"

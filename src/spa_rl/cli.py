@@ -323,12 +323,12 @@ COMMANDS: dict[str, Command] = {
                        "spa_rl.novelty:NoveltyConfig", cmd_novelty),
     "sft": Command("world-model SFT on a self-play dataset (resumes after an interruption)",
                    "spa_rl.sft:SFTConfig", cmd_sft),
-    "train": Command("RL: multi-turn PPO with a critic (or GRPO, turn-level GAE) from a checkpoint, with validation "
-                     "Pass@k and world-model accuracy during training (resumable)", "spa_rl.rl.config:RLConfig",
-                     cmd_train, required=("env",), aliases=(("model.model", "--init"),)),
+    "train": Command("RL: multi-turn PPO with a critic (or GRPO, turn-level GAE, iterated DPO) from a checkpoint, with "
+                     "validation Pass@k and world-model accuracy during training (resumable)",
+                     "spa_rl.rl.config:RLConfig", cmd_train, required=("env",), aliases=(("model.model", "--init"),)),
     "run": Command("the whole method, or one of its baselines and ablations, in one resumable run: a recipe (spa, "
-                   "vanilla-rl, state-estimation-rl, spa-masked, spa-self-belief, spa-random-data) at a preset scale "
-                   "(smoke, cpu, paper), then report.html", "spa_rl.pipeline.run:RunConfig", cmd_run,
+                   "vanilla-rl, state-estimation-rl, spa-masked, spa-self-belief, spa-random-data, spa-dpo) at a "
+                   "preset scale (smoke, cpu, paper), then report.html", "spa_rl.pipeline.run:RunConfig", cmd_run,
                    make="spa_rl.pipeline.run:make_run_config"),
     "compare": Command("one report over several run directories: the results table and plots overlaid, mean and "
                        "spread over seeds", "spa_rl.pipeline.report:CompareConfig", cmd_compare),

@@ -75,10 +75,13 @@ RL_PANELS = (
     ("validation Pass@k", ("val/pass@1", "val/pass@2", "val/pass@4", "val/pass@8")),
     ("world-model accuracy", ("val/observation_exact", "val/prediction_exact", "val/copy_exact_baseline",
                               "rollout/observation_exact", "rollout/prediction_exact")),
-    ("losses", ("losses/policy_loss", "losses/value_loss", "losses/world_model")),
+    ("losses", ("losses/policy_loss", "losses/value_loss", "losses/world_model", "losses/dpo_loss",
+                "losses/sft_nll")),
     ("entropy and diversity", ("losses/entropy", "rollout/distinct_actions", "rollout/distinct_responses")),
     ("PPO health", ("losses/approx_kl", "losses/clipfrac", "losses/explained_variance")),
 )
+DPO_PANEL = ("DPO health", ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"))
+"""In place of the PPO panel when the run is DPO's (its rows have `dpo/pairs`)."""
 
 
 def step_limits(steps: list[float]) -> tuple[float, float]:
@@ -94,7 +97,8 @@ def rl_figure(rows: list[dict], name: str) -> Figure:
     fig = Figure(figsize=(13, 7.5))
     axes = fig.subplots(2, 3).flatten()
     xlim = step_limits([r["step"] for r in rows if isinstance(r.get("step"), int | float)])
-    for ax, (title, keys) in zip(axes, RL_PANELS, strict=True):
+    panels = RL_PANELS[:-1] + (DPO_PANEL,) if any("dpo/pairs" in r for r in rows) else RL_PANELS
+    for ax, (title, keys) in zip(axes, panels, strict=True):
         mixed = len({key.split("/")[0] for key in keys}) > 1  # then the prefix tells validation from rollouts
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
@@ -114,7 +118,7 @@ def rl_figure(rows: list[dict], name: str) -> Figure:
 
 
 def plot_rl(run_dir: str | Path) -> Path | None:
-    """`curves.png`: an RL run's reward, validation Pass@k, world-model accuracy, losses, entropy and PPO
+    """`curves.png`: an RL run's reward, validation Pass@k, world-model accuracy, losses, entropy and PPO (or DPO)
     diagnostics against the step."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"

@@ -73,8 +73,8 @@ class RunConfig(Seeded):
                                               ) + ("eval.policy",)
 
     recipe: str = setting(positional=True)
-    """The arm: spa, vanilla-rl, state-estimation-rl, spa-masked, spa-self-belief, spa-random-data, or a recipe
-    file (.toml)."""
+    """The arm: spa, vanilla-rl, state-estimation-rl, spa-masked, spa-self-belief, spa-random-data, spa-dpo, or a
+    recipe file (.toml)."""
     preset: str = "cpu"
     """The scale: smoke (a tiny model, seconds), cpu (the embedded model, about 30 minutes on 2 cores), paper (the
     paper's settings, for GPUs), or a preset file (.toml)."""
@@ -314,7 +314,8 @@ def _what(stage: str, config: RunConfig) -> str:
                    f"{config.collect.puzzles} puzzles x {config.collect.samples}, "
                    f"{'true states replace its beliefs' if config.collect.rewrite else 'its own beliefs kept'}",
         "sft": f"world-model SFT ({config.sft.loss} loss, {count(config.sft.epochs, 'epoch')})",
-        "rl": f"PPO ({config.rl.advantage}), {count(config.rl.steps, 'step')} of "
+        "rl": f"{'DPO' if config.rl.algorithm == 'dpo' else f'PPO ({config.rl.advantage})'}, "
+              f"{count(config.rl.steps, 'step')} of "
               f"{config.rl.puzzles_per_step} puzzles x {config.rl.samples_per_puzzle}",
         "eval": f"the final model on {config.eval.puzzles} validation puzzles x {config.eval.samples}",
         "imagine": f"the agent plays inside its own world model on {config.imagine.puzzles} validation puzzles",

@@ -44,6 +44,20 @@ class RLConfig(Seeded):
     keep_ratio: float = setting(0.25, gt=0, le=1)
     """Share of groups kept for the update: those with the highest within-group reward standard deviation
     (1: keep all)."""
+    algorithm: Literal["ppo", "dpo"] = "ppo"
+    """ppo: the clipped policy gradient on advantages from --advantage (GRPO is PPO with --advantage grpo); dpo:
+    iterated DPO, each step's episodes paired within their puzzle's group (a higher score chosen over a lower) and
+    trained with the DPO loss against the reference model (the --dpo-* settings; no critic, --advantage unused)."""
+    dpo_beta: float = setting(0.1, gt=0)
+    """DPO's beta: how far the policy's log-ratios to the reference are scaled (higher: stay closer to it)."""
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's -log sigmoid(beta * margin); ipo: IPO's squared distance of the margin (of log-probs averaged
+    over the agent's tokens) to 1 / (2 beta)."""
+    dpo_pairs_per_group: int = setting(4, ge=0)
+    """Pairs a group gives at most: each episode with each that scored lower, largest difference first (0: all)."""
+    dpo_sft_coef: float = setting(0.0, ge=0)
+    """Weight of a negative log-likelihood term on the chosen episodes' agent tokens (RPO; keeps the format the
+    warm start taught; 0: off)."""
     advantage: str = setting("gae", metavar="{gae,grpo,bi-level-gae}")
     """gae: token-level GAE with a learned critic, skipping the text between turns; grpo: the episode's score
     normalised within its group (no critic); bi-level-gae: turn-level GAE, then token-level inside each turn (or
@@ -71,9 +85,9 @@ class RLConfig(Seeded):
     critic_lr: float = setting(1e-5, gt=0)
     """Critic learning rate (constant)."""
     ppo_epochs: int = setting(1, ge=1)
-    """Passes over the kept episodes per step."""
+    """Passes over the kept episodes per step (dpo: passes over the step's pairs, one optimizer step each)."""
     minibatch_size: int = setting(64, ge=1)
-    """Episodes per optimizer step (over all processes)."""
+    """Episodes per optimizer step (over all processes; dpo: unused, every pair of the step is one minibatch)."""
     micro_batch_size: int = setting(8, ge=1)
     """Episodes per forward/backward pass, at most (gradients accumulate to the minibatch)."""
     micro_batch_tokens: int = setting(0, ge=0)
@@ -157,14 +171,20 @@ class RLConfig(Seeded):
 
     @property
     def uses_critic(self) -> bool:
-        return ESTIMATORS[self.advantage].uses_critic
+        return self.algorithm == "ppo" and ESTIMATORS[self.advantage].uses_critic
+
+    @property
+    def uses_reference(self) -> bool:
+        """A frozen reference policy is loaded: for the KL term, and always for DPO."""
+        return self.kl_coef > 0 or self.algorithm == "dpo"
 
     @property
     def one_pass(self) -> bool:
         """One PPO epoch over one minibatch (the paper's shape): the old log-probs and values are exactly what the
         update's own forward passes compute before any weight moves, so no separate scoring pass runs; the
         critic's pass comes first and its values give the advantages on the way (docs/method.md §6)."""
-        return self.ppo_epochs == 1 and self.kept_groups * self.samples_per_puzzle <= self.minibatch_size
+        return (self.algorithm == "ppo" and self.ppo_epochs == 1
+                and self.kept_groups * self.samples_per_puzzle <= self.minibatch_size)
 
     def step_seeds(self, step: int) -> list[int]:
         """The training puzzles of step `step` (from 0)."""
@@ -178,7 +198,9 @@ class RLConfig(Seeded):
             raise SpaError(f"unknown advantage estimator {self.advantage!r}: use one of {', '.join(ESTIMATORS)} (or "
                            f"register yours with spa_rl.rl.advantages.register_advantage)")
         kept = self.kept_groups * self.samples_per_puzzle
-        if kept < self.minibatch_size:
+        if self.algorithm == "dpo":
+            self._check_dpo()
+        elif kept < self.minibatch_size:
             raise SpaError(f"keep_ratio x puzzles_per_step x samples_per_puzzle leaves {kept} episodes a step, fewer "
                            f"than one minibatch (minibatch_size {self.minibatch_size}): lower --minibatch-size or "
                            f"keep more episodes")
@@ -216,3 +238,14 @@ class RLConfig(Seeded):
                            f"({self.puzzles_per_step}): a step would play a puzzle twice; raise --puzzle-pool or lower "
                            f"--puzzles-per-step")
         check_training_range(self.first_seed, self.puzzle_pool or self.steps * self.puzzles_per_step)
+
+    def _check_dpo(self) -> None:
+        if self.samples_per_puzzle < 2:
+            raise SpaError("algorithm dpo needs samples_per_puzzle >= 2: its pairs are two episodes of one puzzle")
+        if self.reference == "none":
+            raise SpaError("algorithm dpo needs a reference model: set --reference init (or a path)")
+        for name, off in (("critic_warmup", 0), ("world_model_coef", 0.0), ("kl_coef", 0.0), ("tis_cap", 0.0)):
+            if getattr(self, name) != off:
+                flag = "--" + name.replace("_", "-")
+                raise SpaError(f"{name} is a PPO setting: algorithm dpo does not use it (set {flag} {off} or "
+                               f"--algorithm ppo)")

@@ -9,9 +9,10 @@ them and on padding.
 What is here: multi-turn GAE that skips the masked tokens (veRL's multi-turn GAE), group-normalised
 advantages (GRPO), turn-level ("bi-level") GAE (RAGEN's), the clipped policy loss with asymmetric and dual
 clipping, the clipped value loss, loss aggregation (and its per-token weights for micro-batches), the KL
-estimators, entropy, explained variance, and the within-group reward-variance filter. No maintained library
-offers these for multi-turn conversations without its whole trainer (veRL and RAGEN need Ray and CUDA), so they
-are written here, small and tested.
+estimators, entropy, explained variance, the within-group reward-variance filter, and DPO's pairs and loss. No
+maintained library offers these for multi-turn conversations without its whole trainer (veRL and RAGEN need Ray
+and CUDA; TRL's DPO takes one prompt and one completion, not an episode whose environment turns carry no loss),
+so they are written here, small and tested.
 
 This module must never loop over anything but token positions or groups, and never change its inputs.
 """
@@ -202,6 +203,20 @@ def keep_most_varied_groups(group_std: torch.Tensor, keep_ratio: float) -> torch
     return torch.tensor(sorted(order[:keep]), dtype=torch.long)
 
 
+def preference_pairs(scores: torch.Tensor, group_index: torch.Tensor, per_group: int = 0) -> torch.Tensor:
+    """DPO's pairs from groups of episodes (the samples of one puzzle): within each group, every episode paired
+    with every one that scored strictly lower (ties make no pair), the largest score difference first (then by
+    row), at most `per_group` pairs a group (0: all). `scores`, `group_index`: [N]. Returns [P, 2] row indices
+    (chosen, rejected), groups in order of their index."""
+    pairs: list[tuple[int, int]] = []
+    for g in torch.unique(group_index).tolist():
+        rows = (group_index == g).nonzero().flatten().tolist()
+        found = sorted(((float(scores[a] - scores[b]), a, b) for a in rows for b in rows if scores[a] > scores[b]),
+                       key=lambda x: (-x[0], x[1], x[2]))
+        pairs += [(a, b) for _, a, b in (found[:per_group] if per_group else found)]
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+
 # ------------------------------------------------------------------------------------------ losses
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
@@ -231,6 +246,29 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     with torch.no_grad():
         stats["approx_kl"] = masked_mean((ratio - 1) - log_ratio, mask)
     return aggregate(losses, mask, agg), stats
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float = 0.1, kind: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct preference optimisation over pairs. Inputs [P]: the policy's and the reference's log-probabilities
+    of each pair's chosen and rejected episode (summed over the agent's tokens; for `ipo`, averaged over them, as
+    TRL does).
+
+        h = (chosen - ref_chosen) - (rejected - ref_rejected)
+        sigmoid (DPO):  L = -log sigmoid(beta * h)
+        ipo (IPO):      L = (h - 1 / (2 * beta))^2
+
+    Returns (L [P], the implicit rewards beta * (chosen - ref_chosen) [P] and beta * (rejected - ref_rejected)
+    [P], the latter two without gradient)."""
+    if kind not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss {kind!r}: use one of {', '.join(DPO_LOSSES)}")
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    losses = -torch.nn.functional.logsigmoid(beta * h) if kind == "sigmoid" else (h - 1 / (2 * beta)) ** 2
+    with torch.no_grad():
+        return losses, beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
 
 
 def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,

@@ -1,5 +1,5 @@
 """`spa train`: multi-turn PPO with a critic (or GRPO, or turn-level GAE) for LLM agents, from any checkpoint
-(docs/method.md §6). The loop reads top to bottom in `train_rl` and one step in `ppo_step`; the settings are
+(docs/method.md §6). The loop reads top to bottom in `train_rl` and one step in `rl_step`; the settings are
 `config.py`'s `RLConfig`, the maths is in `core.py`, the advantage estimators in `advantages.py`.
 
 Each step: play `puzzles_per_step` training puzzles × `samples_per_puzzle` episodes with the fast rollout
@@ -242,7 +242,7 @@ def build_learners(config: RLConfig, ckpt: Checkpointer) -> Learners:
     precision = resolve_precision(config.model.dtype, device, training=True)
     dev = str(accelerator.device)
     reference = None
-    if config.kl_coef > 0:
+    if config.uses_reference:
         ref_path = config.model.model if config.reference == "init" else config.reference
         ref_lm = load_model(ref_path, dev, "bf16" if precision.name == "bf16" else "fp32").model.eval()
         reference = PolicyModel(ref_lm.requires_grad_(False), config.rollout.sampling.temperature)
@@ -330,9 +330,9 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
     with progress_bar(transient=quiet or not learners.main) as bar:
         if step == 0 and config.eval_before and log is not None:
             log.log(step, evaluate_policy(engine, config, bar))
-        task = bar.add_task("PPO", total=config.steps, completed=step, unit="steps")
+        task = bar.add_task(config.algorithm.upper(), total=config.steps, completed=step, unit="steps")
         while step < config.steps:
-            metrics = ppo_step(step, config, engine, learners)
+            metrics = rl_step(step, config, engine, learners)
             learners.refresh_rollout_copy(metrics)
             step += 1
             if config.eval_every and step % config.eval_every == 0 and step < config.steps and learners.main:
@@ -376,10 +376,11 @@ def finish(out: Path, step: int, final: dict[str, float], ckpt: Checkpointer, le
 
 def check_finite(metrics: dict[str, float], step: int, ckpt: Checkpointer) -> None:
     """Stop at the first step whose losses are not finite, pointing at the last good checkpoint."""
-    if not math.isfinite(metrics["losses/policy_loss"]) or not math.isfinite(metrics["losses/value_loss"]):
-        raise SpaError(f"the losses became {metrics['losses/policy_loss']} / {metrics['losses/value_loss']} at "
-                       f"step {step}: stopped; the last good checkpoint is in {ckpt.dir} (lower the learning "
-                       f"rates and rerun in another directory)")
+    bad = {k: v for k, v in metrics.items() if k.startswith("losses/") and not math.isfinite(v)}
+    if bad:
+        raise SpaError(f"the losses became {', '.join(f'{k} = {v}' for k, v in sorted(bad.items()))} at step {step}: "
+                       f"stopped; the last good checkpoint is in {ckpt.dir} (lower the learning rates and rerun in "
+                       f"another directory)")
 
 
 def consistency_checks(learners: Learners) -> dict[str, float]:
@@ -409,8 +410,9 @@ def _strip(state: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torc
 
 
 # ------------------------------------------------------------------------------------------ one step
-def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, learners: Learners) -> dict[str, float]:
-    """One PPO step: rollouts, rewards, the group filter, scoring, advantages, the update. Returns its metrics."""
+def rl_step(step: int, config: RLConfig, engine: RolloutEngine, learners: Learners) -> dict[str, float]:
+    """One step: rollouts, rewards, the group filter, scoring, then PPO's advantages and update (or DPO's pairs and
+    update). Returns its metrics."""
     # 1. rollouts with the current weights: this process plays its share of the step's puzzles
     t0 = time.perf_counter()
     seeds = config.step_seeds(step)
@@ -429,13 +431,18 @@ def ppo_step(step: int, config: RLConfig, engine: RolloutEngine, learners: Learn
     # is one pass over them: then its own forwards give the same numbers before any weight moves (`one_pass`)
     score(batch, config, learners)
     t_score = time.perf_counter() - t0
-    # 5. advantages (one pass with a critic: the critic's forward and backward run now, and give the values)
     t0 = time.perf_counter()
-    critic_stats = estimate_advantages(batch, config, learners)
-    # 6. PPO epochs over minibatches, actor and critic (the actor sits out the critic's warm-up, and a step whose
-    # kept groups all scored uniformly: a cold model that never follows the format, or one that always wins)
-    train_actor = step >= config.critic_warmup and (float(stds[chosen].max()) > 0 or not config.skip_uniform_steps)
-    stats = update(batch, kept, config, learners, step, train_actor, critic_stats)
+    if config.algorithm == "dpo":  # 5-6. DPO: pairs within the groups, epochs over them (no advantages, no critic)
+        stats = dpo_update(batch, config, learners, step)
+        train_actor = stats["dpo/pairs"] > 0
+    else:
+        # 5. advantages (one pass with a critic: the critic's forward and backward run now, and give the values)
+        critic_stats = estimate_advantages(batch, config, learners)
+        # 6. PPO epochs over minibatches, actor and critic (the actor sits out the critic's warm-up, and a step
+        # whose kept groups all scored uniformly: a cold model that never follows the format, or one always winning)
+        train_actor = step >= config.critic_warmup and (float(stds[chosen].max()) > 0
+                                                        or not config.skip_uniform_steps)
+        stats = update(batch, kept, config, learners, step, train_actor, critic_stats)
     t_update = time.perf_counter() - t0
     # 7. what happened, over all processes
     metrics = {**stats, **bonus_stats,
@@ -723,6 +730,62 @@ def _critic_minibatch(batch: Batch, minibatch: list[int], weights: torch.Tensor,
         sums["losses/value_loss"] += float(loss.detach())
         sums["losses/value_clipfrac"] += stats["clipfrac"]
     return sums
+
+
+# ------------------------------------------------------------------------------------------ DPO
+def dpo_update(batch: Batch, config: RLConfig, learners: Learners, step: int) -> dict[str, float]:
+    """DPO epochs over the step's pairs (`core.preference_pairs` within each kept group), one optimizer step an
+    epoch over all of them. The loss depends on each episode only through its log-probability, so its gradient is
+    taken in two passes that hold one micro-batch at a time: a pass without gradients gives every episode's
+    log-probability (the scoring pass, for the first epoch) and so dL/dlog p of each episode; then each micro-batch's
+    backward runs on sum_i (dL/dlog p_i) log p_i, plus the NLL term on the chosen episodes (`dpo_sft_coef`).
+    Returns the statistics under TRL's names (`rewards/chosen`, `rewards/accuracies`, `logps/chosen`, ...)."""
+    actor, device = learners.actor, learners.device
+    pairs = core.preference_pairs(batch.scores, batch.groups, config.dpo_pairs_per_group)
+    chosen_rows = torch.zeros(len(batch.lengths), dtype=torch.bool)
+    chosen_rows[pairs[:, 0]] = True
+    totals = learners.sum({"pairs": float(len(pairs)), "chosen_tokens": float(batch.mask[chosen_rows].sum())})
+    out = {"dpo/pairs": totals["pairs"]}
+    if totals["pairs"] == 0:  # no group's scores varied, on any process: nothing to prefer
+        return out
+    ipo = config.dpo_loss == "ipo"
+    per = batch.mask.sum(-1).clamp(min=1) if ipo else torch.ones(len(batch.lengths))  # IPO: mean log-probs
+    reference = core.masked_sum(batch.ref_logprobs, batch.mask, -1) / per
+    rows = sorted(set(pairs.flatten().tolist()))
+    sums: dict[str, float] = {}
+    for epoch in range(config.ppo_epochs):
+        logp_tokens = batch.old_logprobs if epoch == 0 else score_rows(actor, batch, config, device)
+        logp = (core.masked_sum(logp_tokens, batch.mask, -1) / per).requires_grad_(True)
+        losses, chosen, rejected = core.dpo_loss(logp[pairs[:, 0]], logp[pairs[:, 1]], reference[pairs[:, 0]],
+                                                 reference[pairs[:, 1]], config.dpo_beta, config.dpo_loss)
+        (losses.sum() / totals["pairs"]).backward()
+        coef = logp.grad / per  # dL/dlog p of each token of each episode (0 for episodes in no pair)
+        seq = logp.detach()
+        stats = {"losses/dpo_loss": float(losses.detach().sum()), "rewards/chosen": float(chosen.sum()),
+                 "rewards/rejected": float(rejected.sum()), "rewards/accuracies": float((chosen > rejected).sum()),
+                 "rewards/margins": float((chosen - rejected).sum()),
+                 "logps/chosen": float(seq[pairs[:, 0]].sum()), "logps/rejected": float(seq[pairs[:, 1]].sum())}
+        nll = 0.0
+        for idx in actor.in_lockstep(batch.micro(rows, config)):
+            ids, attention, keep, width = batch.rows(idx, device)
+            index = torch.tensor(idx)
+            with actor.autocast():
+                logp_flat, _ = actor.model(ids, attention, keep)
+            token_coef = coef[index, None].expand(-1, width - 1).to(device)[keep]
+            loss = (token_coef * logp_flat.float()).sum()
+            if config.dpo_sft_coef > 0:
+                on_chosen = chosen_rows[index, None].expand(-1, width - 1).to(device)[keep]
+                chosen_logp = (logp_flat.float() * on_chosen).sum()
+                loss = loss - config.dpo_sft_coef * chosen_logp / max(totals["chosen_tokens"], 1.0)
+                nll -= float(chosen_logp.detach())
+            actor.backward(loss)
+        if config.dpo_sft_coef > 0:
+            stats["losses/sft_nll"] = nll
+        stats = learners.sum(stats)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v / (totals["chosen_tokens"] if k == "losses/sft_nll" else totals["pairs"])
+        sums["losses/grad_norm"] = sums.get("losses/grad_norm", 0.0) + actor.step()
+    return {**out, **{k: v / config.ppo_epochs for k, v in sums.items()}}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
