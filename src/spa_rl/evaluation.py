@@ -10,6 +10,7 @@ from typing import Literal
 
 from rich.table import Table
 
+from spa_rl.api import RESPONSES_FILE, ApiConfig, ApiPolicy
 from spa_rl.config import Seeded, setting
 from spa_rl.errors import SpaError
 from spa_rl.generation import make_backend
@@ -29,6 +30,7 @@ class EvalConfig(Seeded):
     """`spa eval`: play validation puzzles and measure Pass@k, actions and world-model accuracy."""
 
     model: ModelConfig = setting(factory=ModelConfig)
+    api: ApiConfig = setting(factory=ApiConfig)
     rollout: RolloutConfig = setting(factory=RolloutConfig)
     policy: Literal["model", "random", "solver"] = "model"
     """Who plays: the model, or a scripted policy (random, solver: the floor and the ceiling)."""
@@ -37,11 +39,14 @@ class EvalConfig(Seeded):
     samples: int = setting(8, ge=1)
     """Episodes per puzzle (Pass@k needs k <= samples)."""
     out: str | None = setting(None, metavar="DIR")
-    """Directory for config.json, metrics.json and trajectories.jsonl (none: print only)."""
+    """Directory for config.json, metrics.json and trajectories.jsonl (and responses.jsonl, an API's answers, from
+    which an interrupted evaluation resumes; none: print only)."""
 
     def check(self) -> None:
         if self.policy != "model" and self.model.model != DEFAULT_MODEL:
             raise SpaError("--model is for --policy model; scripted policies need no model")
+        if self.policy != "model" and self.api.api_base:
+            raise SpaError("--api-base is for --policy model; scripted policies ask no model")
         check_dtype(self.model.dtype, training=False)
 
 
@@ -58,7 +63,12 @@ def evaluate(config: EvalConfig, quiet: bool = False) -> dict:
             say(f"{out.path} already holds this evaluation: showing its results", quiet)
             return read_json(out.path / "metrics.json", "evaluation")
     rc = config.rollout
-    if config.policy == "model":
+    api = None
+    if config.api.api_base:
+        api = ApiPolicy(config.api, config.model.model, out.path / RESPONSES_FILE if out else None, config.seed)
+        engine = RolloutEngine(rc, api, policy="api")
+        model_desc = {"model": config.model.model, "api_base": config.api.api_base}
+    elif config.policy == "model":
         lm = load_model(config.model.model, device=config.model.device, dtype=config.model.dtype)
         engine = RolloutEngine(rc, make_backend(rc.backend, lm.model, lm.tokenizer), lm.tokenizer)
         model_desc = {"model": lm.name, "path": lm.path, "device": lm.device, "dtype": str(lm.dtype)}
@@ -67,15 +77,22 @@ def evaluate(config: EvalConfig, quiet: bool = False) -> dict:
         model_desc = {"model": None}
     seeds = validation_seeds(config.puzzles)
     with progress_bar(transient=quiet) as bar:
-        task = bar.add_task(f"eval {rc.env} ({config.policy})", total=config.puzzles * config.samples,
+        task = bar.add_task(f"eval {rc.env} ({'api' if api else config.policy})", total=config.puzzles * config.samples,
                             unit="episodes")
-        episodes = engine.run(seeds, group_size=config.samples, seed=config.seed,
-                              progress=lambda n: bar.advance(task, n))
+        try:
+            episodes = engine.run(seeds, group_size=config.samples, seed=config.seed,
+                                  progress=lambda n: bar.advance(task, n))
+        finally:
+            if api is not None:
+                api.close()
+    if api is not None:
+        say(f"api: {api.asked} answers asked, {api.replayed} replayed from the answers kept before", quiet)
     metrics = compute_metrics(episodes, config.samples)
     metrics["config"] = {"env": rc.env, "policy": config.policy, "render": rc.render, "format": rc.format,
                          "puzzles": config.puzzles, "samples": config.samples,
                          "temperature": rc.sampling.temperature, "max_new_tokens": rc.sampling.max_new_tokens,
-                         "backend": rc.backend, "seed": config.seed, "first_seed": seeds[0], **model_desc}
+                         "backend": "api" if api else rc.backend, "seed": config.seed, "first_seed": seeds[0],
+                         **model_desc}
     if out is not None:
         atomic_write_jsonl(out.path / "trajectories.jsonl", (e.to_json() for e in episodes))
         atomic_write_json(out.path / "metrics.json", metrics)

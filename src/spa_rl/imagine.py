@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from spa_rl.api import RESPONSES_FILE, ApiConfig, ApiPolicy
 from spa_rl.config import Seeded, setting, to_dict
 from spa_rl.errors import SpaError
 from spa_rl.generation import make_backend
@@ -35,6 +36,7 @@ class ImagineConfig(Seeded):
     """`spa imagine`: open-loop world-model accuracy on validation puzzles."""
 
     model: ModelConfig = setting(factory=ModelConfig)
+    api: ApiConfig = setting(factory=ApiConfig)
     rollout: RolloutConfig = setting(factory=RolloutConfig)
     puzzles: int = setting(32, ge=1)
     """Validation puzzles (the fixed seeds from 1,000,000,000 on)."""
@@ -80,12 +82,21 @@ def imagine(config: ImagineConfig, quiet: bool = False) -> dict:
             say(f"{out.path} already holds this imagination run: showing its results", quiet)
             return read_json(out.path / "imagine.json", "results")
     rc = replace(config.rollout, imagine=True)
-    lm = load_model(config.model.model, config.model.device, config.model.dtype)
-    engine = RolloutEngine(rc, make_backend(rc.backend, lm.model, lm.tokenizer), lm.tokenizer)
+    api = None
+    if config.api.api_base:
+        api = ApiPolicy(config.api, config.model.model, out.path / RESPONSES_FILE if out else None, config.seed)
+        engine = RolloutEngine(rc, api, policy="api")
+    else:
+        lm = load_model(config.model.model, config.model.device, config.model.dtype)
+        engine = RolloutEngine(rc, make_backend(rc.backend, lm.model, lm.tokenizer), lm.tokenizer)
     with progress_bar(transient=quiet) as bar:
         task = bar.add_task(f"imagine {rc.env}", total=config.puzzles * config.samples, unit="episodes")
-        episodes = engine.run(validation_seeds(config.puzzles), group_size=config.samples, seed=config.seed,
-                              progress=lambda n: bar.advance(task, n))
+        try:
+            episodes = engine.run(validation_seeds(config.puzzles), group_size=config.samples, seed=config.seed,
+                                  progress=lambda n: bar.advance(task, n))
+        finally:
+            if api is not None:
+                api.close()
     metrics = {**imagination_metrics(episodes), "config": to_dict(config)}
     if out is not None:
         atomic_write_jsonl(out.path / "episodes.jsonl", (e.to_json() for e in episodes))

@@ -219,9 +219,10 @@ class _Live:
 
 # ------------------------------------------------------------------------------------------ engine
 class RolloutEngine:
-    """Plays episodes with a model (through a generation backend) or a scripted policy."""
+    """Plays episodes with a model (through a generation backend), a model behind an API (`policy="api"`, the
+    backend an `spa_rl.api.ApiPolicy`) or a scripted policy (random, solver)."""
 
-    def __init__(self, config: RolloutConfig, backend: GenerationBackend | None = None, tokenizer: Any = None,
+    def __init__(self, config: RolloutConfig, backend: GenerationBackend | Any = None, tokenizer: Any = None,
                  policy: str = "model") -> None:
         envs.get_variant(config.env)  # fail early on unknown names
         self.config = config
@@ -232,6 +233,8 @@ class RolloutEngine:
             if backend is None or tokenizer is None:
                 raise ValueError("policy 'model' needs a generation backend and a tokenizer")
             self.chat = ChatTokens(tokenizer, getattr(backend, "stop_ids", [tokenizer.eos_token_id]))
+        if policy == "api" and not hasattr(backend, "respond"):
+            raise ValueError("policy 'api' needs a backend that answers conversations (`spa_rl.api.ApiPolicy`)")
 
     def _start(self, seed: int, sample: int, snapshot: EnvSnapshot | None = None) -> _Live:
         cfg = self.config
@@ -255,6 +258,10 @@ class RolloutEngine:
             gens = self.backend.generate([lv.prompt_ids for lv in live], self.config.sampling, generator)
             return [Response(self.tokenizer.decode(g.token_ids, skip_special_tokens=True), g.token_ids, g.logprobs,
                              not g.finished) for g in gens]
+        if self.policy == "api":  # text from a model behind an API: no token ids, no log-probs
+            answers = self.backend.respond([(lv.episode.seed, lv.episode.sample, lv.episode.messages)
+                                            for lv in live], self.config.sampling)
+            return [Response(text, [], [], truncated) for text, truncated in answers]
         _, per_turn, _ = self.config.limits()
         return [Response(scripted_response(lv.env, self.policy, min(per_turn, lv.actions_left), self.config.format,
                                            rng), [], [], False) for lv in live]
