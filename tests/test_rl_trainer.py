@@ -151,6 +151,7 @@ def test_masks_cover_exactly_the_agents_tokens_over_a_multi_turn_episode(tokeniz
     (dict(algorithm="dpo", samples_per_puzzle=1), "dpo needs samples_per_puzzle >= 2"),
     (dict(algorithm="dpo", reference="none"), "dpo needs a reference model"),
     (dict(algorithm="dpo", kl_coef=0.1), "kl_coef is a PPO setting: algorithm dpo does not use it"),
+    (dict(dpo_data="data"), "dpo_data is offline DPO's data: set --algorithm dpo"),
 ])
 def test_settings_that_cannot_work_together_are_refused(tmp_path, settings, message):
     with pytest.raises(SpaError, match=message):
@@ -778,3 +779,28 @@ def test_dpo_runs_end_to_end_logs_trls_names_and_resumes_exactly(tiny_model_dir,
     assert all(torch.equal(a[k], b[k]) for k in a)
     start = load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(a[k], start[k]) for k in start), "the actor trained"
+
+
+def test_offline_dpo_trains_on_a_collected_datasets_pairs(tiny_model_dir, tmp_path):
+    """`--dpo-data`: pairs from a `spa collect` dataset (random play on FrozenLake wins some episodes of a puzzle and
+    loses others), nothing played but the validation; a dataset whose every puzzle ends alike (the solver always
+    wins) gives no pair and is refused in one line."""
+    from conftest import collect_data
+
+    collect_data("frozenlake-det", tmp_path / "random", policy="random", puzzles=12, samples=4, format="plain",
+                 val_fraction=0.0)
+    result = train_rl(_config(tmp_path / "run", tiny_model_dir, steps=2, algorithm="dpo", format="plain",
+                              dpo_data=str(tmp_path / "random"), puzzles_per_step=2, samples_per_puzzle=1,
+                              eval_before=False), quiet=True)
+    assert result["steps"] == 2 and "val/pass@1" in result
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "dpo/pairs" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["dpo/pairs"] > 0 for r in rows)
+    assert all(0 < r["data/success"] < 1 for r in rows) and "rollout/success" not in rows[0]
+    start = load_file(tiny_model_dir / "model.safetensors")
+    moved = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert any(not torch.equal(start[k], moved[k]) for k in start)
+    collect_data("frozenlake-det", tmp_path / "solver", policy="solver", puzzles=3, samples=2, format="plain",
+                 val_fraction=0.0)
+    with pytest.raises(SpaError, match="no puzzle with both a success and a failure"):
+        train_rl(_config(tmp_path / "run2", tiny_model_dir, steps=1, algorithm="dpo", format="plain",
+                         dpo_data=str(tmp_path / "solver"), eval_before=False), quiet=True)

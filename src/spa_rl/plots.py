@@ -71,7 +71,7 @@ def plot_rounds(out_dir: str | Path) -> Path | None:
 
 
 RL_PANELS = (
-    ("reward and success (training episodes)", ("rollout/reward_mean", "rollout/success")),
+    ("reward and success (training episodes)", ("rollout/reward_mean", "rollout/success", "data/success")),
     ("validation Pass@k", ("val/pass@1", "val/pass@2", "val/pass@4", "val/pass@8")),
     ("world-model accuracy", ("val/observation_exact", "val/prediction_exact", "val/copy_exact_baseline",
                               "rollout/observation_exact", "rollout/prediction_exact")),

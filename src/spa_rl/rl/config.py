@@ -55,6 +55,9 @@ class RLConfig(Seeded):
     over the agent's tokens) to 1 / (2 beta)."""
     dpo_pairs_per_group: int = setting(4, ge=0)
     """Pairs a group gives at most: each episode with each that scored lower, largest difference first (0: all)."""
+    dpo_data: str | None = setting(None, metavar="DIR")
+    """Offline DPO: the pairs come from this `spa collect` dataset (its puzzles with both a success and a failure,
+    puzzles_per_step of them a step, cycled) instead of the current policy's play (none: iterated, on-policy)."""
     dpo_sft_coef: float = setting(0.0, ge=0)
     """Weight of a negative log-likelihood term on the chosen episodes' agent tokens (RPO; keeps the format the
     warm start taught; 0: off)."""
@@ -198,16 +201,18 @@ class RLConfig(Seeded):
             raise SpaError(f"unknown advantage estimator {self.advantage!r}: use one of {', '.join(ESTIMATORS)} (or "
                            f"register yours with spa_rl.rl.advantages.register_advantage)")
         kept = self.kept_groups * self.samples_per_puzzle
+        if self.dpo_data and self.algorithm != "dpo":
+            raise SpaError("dpo_data is offline DPO's data: set --algorithm dpo, or drop --dpo-data")
         if self.algorithm == "dpo":
             self._check_dpo()
         elif kept < self.minibatch_size:
             raise SpaError(f"keep_ratio x puzzles_per_step x samples_per_puzzle leaves {kept} episodes a step, fewer "
                            f"than one minibatch (minibatch_size {self.minibatch_size}): lower --minibatch-size or "
                            f"keep more episodes")
-        if self.samples_per_puzzle < 2 and not self.uses_critic:
+        if self.samples_per_puzzle < 2 and self.algorithm == "ppo" and not self.uses_critic:
             raise SpaError(f"advantage {self.advantage} needs samples_per_puzzle >= 2: without a critic the baseline "
                            f"is the group's, and a group of one has none")
-        if self.samples_per_puzzle < 2 and self.keep_ratio < 1:
+        if self.samples_per_puzzle < 2 and self.keep_ratio < 1 and not self.dpo_data:
             raise SpaError("keep_ratio < 1 needs samples_per_puzzle >= 2: one sample per group has no reward spread "
                            "to rank groups by (set --keep-ratio 1)")
         if self.kl_coef > 0 and self.reference == "none":
@@ -240,7 +245,7 @@ class RLConfig(Seeded):
         check_training_range(self.first_seed, self.puzzle_pool or self.steps * self.puzzles_per_step)
 
     def _check_dpo(self) -> None:
-        if self.samples_per_puzzle < 2:
+        if self.samples_per_puzzle < 2 and not self.dpo_data:
             raise SpaError("algorithm dpo needs samples_per_puzzle >= 2: its pairs are two episodes of one puzzle")
         if self.reference == "none":
             raise SpaError("algorithm dpo needs a reference model: set --reference init (or a path)")

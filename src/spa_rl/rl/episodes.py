@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from spa_rl.errors import SpaError
 from spa_rl.metrics import cell_accuracy, normalize_state
 from spa_rl.rl.config import RLConfig
 from spa_rl.rollout import Episode
-from spa_rl.samples import encode_conversation, episode_samples, pack_trajectories
+from spa_rl.samples import encode_conversation, episode_samples, load_dataset, pack_trajectories
 
 
 @dataclass
@@ -148,6 +149,33 @@ def build_trajectory(episode: Episode, tokenizer: Any, group: int, *, placement:
         mask = [0] * skip + [1] * (len(ids) - skip)
     wm = world_model_targets(tokenizer, episode, fmt, render) if world_model else None
     return Trajectory(ids, mask, list(sampled), logprobs, rewards, group, float(sum(turn_rewards)), raw, wm)
+
+
+def dataset_groups(data_dir: str, tokenizer: Any, env: str) -> list[list[Trajectory]]:
+    """Offline DPO's groups: the episodes of a `spa collect` dataset (train.jsonl; each trajectory's turns as one
+    sequence, the loss on every assistant turn) grouped by puzzle, score 1 for a success and 0 otherwise, keeping
+    the puzzles with both (the others give no pair), in seed order. No sampled tokens: the data's policy is not the
+    one being trained."""
+    train, _, _ = load_dataset(data_dir, expected_env=env)
+    by_trajectory: dict[str, list[dict]] = {}
+    for row in train:
+        by_trajectory.setdefault(str(row.get("meta", {}).get("trajectory")), []).append(row)
+    by_seed: dict[int, list[Trajectory]] = {}
+    for rows in by_trajectory.values():
+        meta = rows[0].get("meta", {})
+        if "seed" not in meta:
+            raise SpaError(f"{data_dir} has rows without a puzzle seed in their meta: offline DPO needs a dataset made "
+                           f"by `spa collect`")
+        messages, targets = pack_trajectories(rows)[0]
+        ids, mask = encode_conversation(tokenizer, messages, "full", targets)
+        zeros = [0.0] * len(ids)
+        by_seed.setdefault(int(meta["seed"]), []).append(
+            Trajectory(ids, mask, [0] * len(ids), zeros, zeros, 0, float(bool(meta.get("success")))))
+    groups = [g for _, g in sorted(by_seed.items()) if len({t.score for t in g}) > 1]
+    if not groups:
+        raise SpaError(f"{data_dir} has no puzzle with both a success and a failure, so no pair: collect with "
+                       f"--samples >= 2 from a policy that wins some episodes")
+    return groups
 
 
 def group_diversity(episodes: Sequence[Episode], groups: Sequence[int]) -> dict[str, float]:

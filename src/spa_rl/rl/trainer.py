@@ -44,7 +44,7 @@ from spa_rl.progress import progress_bar, say
 from spa_rl.rl import core
 from spa_rl.rl.advantages import ESTIMATORS, AdvantageInputs
 from spa_rl.rl.config import STAGE, RLConfig
-from spa_rl.rl.episodes import Trajectory, build_trajectory, group_diversity, per_turn_bonuses
+from spa_rl.rl.episodes import Trajectory, build_trajectory, dataset_groups, group_diversity, per_turn_bonuses
 from spa_rl.rl.models import PolicyModel, ValueModel, load_backbone
 from spa_rl.rollout import Episode, RolloutEngine
 from spa_rl.seeds import validation_seeds
@@ -323,6 +323,7 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
     config = plan_memory(config, learners, quiet)
     engine = RolloutEngine(config.rollout, make_backend(config.rollout.backend, learners.rollout_lm,
                                                         learners.tokenizer), learners.tokenizer)
+    data = dataset_groups(config.dpo_data, learners.tokenizer, config.rollout.env) if config.dpo_data else None
     step = resume(ckpt, learners, config.steps, quiet)
     log = RunLogger(out.path, config.log, to_dict(config), resume_step=step) if learners.main else None
     meta = {"stage": "rl", "config": to_dict(config), "precision": learners.actor.precision.name,
@@ -332,7 +333,8 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
             log.log(step, evaluate_policy(engine, config, bar))
         task = bar.add_task(config.algorithm.upper(), total=config.steps, completed=step, unit="steps")
         while step < config.steps:
-            metrics = rl_step(step, config, engine, learners)
+            metrics = rl_step(step, config, engine, learners) if data is None else offline_step(step, config, data,
+                                                                                                   learners)
             learners.refresh_rollout_copy(metrics)
             step += 1
             if config.eval_every and step % config.eval_every == 0 and step < config.steps and learners.main:
@@ -450,6 +452,26 @@ def rl_step(step: int, config: RLConfig, engine: RolloutEngine, learners: Learne
                "time/generate": t_generate, "time/score": t_score, "time/update": t_update}
     metrics["perf/generated_tokens_per_s"] = metrics["perf/generated_tokens"] / learners.world / max(t_generate, 1e-9)
     return metrics
+
+
+def offline_step(step: int, config: RLConfig, data: list[list[Trajectory]], learners: Learners) -> dict[str, float]:
+    """One step of offline DPO: the next `puzzles_per_step` groups of the dataset (cycled; this process its share),
+    the group filter, scoring, DPO's update. Returns its metrics (`data/...` in place of `rollout/...`)."""
+    t0 = time.perf_counter()
+    picked = [(step * config.puzzles_per_step + i) % len(data) for i in range(config.puzzles_per_step)]
+    trajectories = [dataclasses.replace(t, group=i) for i in range(learners.rank, len(picked), learners.world)
+                    for t in data[picked[i]]]
+    everything, kept, stds, chosen = choose_groups(trajectories, config, learners)
+    batch = Batch.of(kept, learners.tokenizer.pad_token_id)
+    score(batch, config, learners)
+    t_score = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stats = dpo_update(batch, config, learners, step)
+    return {**stats, "data/success": float(torch.tensor([t.score for t in everything]).mean()),
+            "data/episodes": float(len(everything)), "rollout/kept_group_std": float(stds[chosen].mean()),
+            "rollout/actor_updated": float(stats["dpo/pairs"] > 0), "time/score": t_score,
+            "time/update": time.perf_counter() - t0,
+            "perf/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def to_trajectories(episodes: list[Episode], seeds: list[int], config: RLConfig,
