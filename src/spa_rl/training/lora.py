@@ -5,6 +5,7 @@ This module must never train anything: it only wraps a model so that its adapter
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,5 +38,7 @@ def apply_lora(model: Any, config: LoRAConfig) -> Any:
         return model
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                                target_modules="all-linear", task_type="CAUSAL_LM"))
