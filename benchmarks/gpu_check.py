@@ -140,10 +140,11 @@ def update_gradient(path: Path, device: str, advantage: str) -> list:
                       lr=1e-5, **common)
     critic = None
     if ESTIMATORS[advantage].uses_critic:
-        critic = Trainable(ValueModel.from_causal_lm(load_model(str(path), device, "fp32").model).eval(), precision,
-                           accelerator, lr=1e-5, **common)
-        with torch.no_grad():  # a head that is not zero, so that the values and GAE are not trivially 0
-            critic.model.value_head.weight.normal_(0, 0.1, generator=torch.Generator(device=device).manual_seed(1))
+        value_model = ValueModel.from_causal_lm(load_model(str(path), device, "fp32").model).to(device).eval()
+        with torch.no_grad():  # a head that is not zero (drawn on the CPU: the same on every device), so GAE is not 0
+            head = value_model.value_head.weight
+            head.copy_(torch.empty(head.shape).normal_(0, 0.1, generator=torch.Generator().manual_seed(1)))
+        critic = Trainable(value_model, precision, accelerator, lr=1e-5, **common)
     grads: list = []
     for trainable in (actor, critic):
         if trainable is not None:
@@ -152,8 +153,7 @@ def update_gradient(path: Path, device: str, advantage: str) -> list:
                 p.grad.detach().float().cpu().clone() for p in t.params if p.grad is not None) or r())
     batch = Batch.of(trajectories, pad_id=0)
     learners = Learners(actor, critic, None, None, None, accelerator, False)
-    estimate_advantages(batch, config, learners)
-    update(batch, trajectories, config, learners, 0, critic_stats=None)
+    update(batch, trajectories, config, learners, 0, critic_stats=estimate_advantages(batch, config, learners))
     return grads
 
 
@@ -256,6 +256,7 @@ def ppo_step_speed(path: Path, device: str, work: Path, puzzles: int, samples: i
     from spa_rl.io import read_jsonl
     from spa_rl.rl.config import RLConfig
     from spa_rl.rl.trainer import train_rl
+    from spa_rl.training import resolve_precision
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -273,13 +274,15 @@ def ppo_step_speed(path: Path, device: str, work: Path, puzzles: int, samples: i
     return {"generate_s": row["time/generate"], "score_s": row["time/score"], "update_s": row["time/update"],
             "step_s": row["time/generate"] + row["time/score"] + row["time/update"], "wall_s": wall,
             "generated_tokens": row["perf/generated_tokens"], "trained_tokens": row["perf/trained_tokens"],
-            "peak_gpu_gib": peak, "precision": str(config.model.dtype)}
+            "peak_gpu_gib": peak,
+            "precision": resolve_precision(config.model.dtype, device, training=True).name}
 
 
 # ------------------------------------------------------------------------------------------ the check
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (a dry run)")
+    parser.add_argument("--device", default="cuda", help="cuda (default; pick a GPU with CUDA_VISIBLE_DEVICES) or "
+                        "cpu (a dry run)")
     parser.add_argument("--tiny", action="store_true", help="tiny models and batches: a dry run in seconds")
     parser.add_argument("--shapes", default="0.5b,1.5b", help="speed checks' model shapes (default 0.5b,1.5b)")
     parser.add_argument("--new-tokens", type=int, default=400, help="token limit a turn (default 400, the paper's)")
@@ -301,6 +304,9 @@ def main() -> None:
 
     started = time.perf_counter()
     device = args.device
+    if device not in ("cuda", "cpu"):
+        print("--device is cuda or cpu (pick a GPU with CUDA_VISIBLE_DEVICES)", file=sys.stderr)
+        sys.exit(2)
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here: run on a GPU machine, or pass --device cpu --tiny for the dry run", file=sys.stderr)
         sys.exit(2)
@@ -319,23 +325,43 @@ def main() -> None:
         shown = f"{value:.4g}" if isinstance(value, float) else value
         print(f"{status}{name}: {shown}{f'  ({note})' if note else ''}", flush=True)
 
+    def guarded(name: str, check) -> None:
+        """Run one check; an exception is its FAIL (with the message), not the end of the whole run."""
+        try:
+            check()
+        except Exception as e:  # every failure is reported, and the other checks still run
+            record(name, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", False, "raised")
+
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         small = build_model("tiny" if args.tiny else "135m", work, tokenizer)
         new = 8 if args.tiny else 64
-        for backend in ("kv", "hf"):
-            value = check_mismatch(small, device, "fp32", backend, new)
-            record(f"mismatch/fp32/{backend}", value, value <= 1e-3, "sampler vs training forward, nats a token")
-            if bf16:
-                record(f"mismatch/bf16/{backend}", check_mismatch(small, device, "bf16", backend, new), None,
-                       "random weights: the flattest distributions, the worst case")
-        for advantage in ("gae", "grpo"):
-            here, cpu = update_gradient(small, device, advantage), update_gradient(small, "cpu", advantage)
-            value = relative_difference(here, cpu)
+
+        def mismatch(backend: str, dtype: str) -> None:
+            value = check_mismatch(small, device, dtype, backend, new)
+            if dtype == "fp32":
+                record(f"mismatch/fp32/{backend}", value, value <= 1e-3, "sampler vs training forward, nats a token")
+            else:
+                record(f"mismatch/bf16/{backend}", value, None, "random weights: the flattest distributions, the "
+                       "worst case")
+
+        def gradient(advantage: str) -> None:
+            value = relative_difference(update_gradient(small, device, advantage), update_gradient(small, "cpu",
+                                                                                                  advantage))
             record(f"update/{advantage}", value, value <= 1e-3, f"gradient on {device} vs CPU, relative, fp32")
-        value = check_resume(small, device, work)
-        record("resume", value, value <= (1e-5 if not cuda else 1e-3), "largest weight difference, resumed vs straight")
+
+        def resumed() -> None:
+            value = check_resume(small, device, work)
+            record("resume", value, value <= (1e-5 if not cuda else 1e-3), "largest weight difference, resumed vs "
+                   "straight")
+
+        for backend in ("kv", "hf"):
+            for dtype in ("fp32", "bf16") if bf16 else ("fp32",):
+                guarded(f"mismatch/{dtype}/{backend}", lambda b=backend, d=dtype: mismatch(b, d))
+        for advantage in ("gae", "grpo"):
+            guarded(f"update/{advantage}", lambda a=advantage: gradient(a))
+        guarded("resume", resumed)
 
         if not args.skip_speed:
             shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -344,7 +370,8 @@ def main() -> None:
             record(f"speed/matmul_peak_{dtype}_tflops", peak / 1e12)
             puzzles, samples = (2, 2) if args.tiny else (PAPER["puzzles"], PAPER["samples"])
             new_tokens = 8 if args.tiny else args.new_tokens
-            for shape in shapes:
+
+            def speed(shape: str) -> None:
                 path = build_model(shape, work, tokenizer)
                 params = sum(p.numel() for p in load_model(str(path), "cpu", "fp32").model.parameters())
                 rates = rollout_speed(path, device, dtype, puzzles * samples, min(new_tokens, 128))
@@ -357,13 +384,17 @@ def main() -> None:
                 if step["peak_gpu_gib"] is not None:
                     record(f"speed/{shape}/ppo_step/peak_gpu_gib", step["peak_gpu_gib"])
                 share = 6 * params * step["trained_tokens"] * 2 / max(step["update_s"], 1e-9) / peak
-                record(f"speed/{shape}/ppo_step/update_share_of_peak", share, None, "6N a trained token, actor+critic")
+                record(f"speed/{shape}/ppo_step/update_share_of_peak", share, None,
+                       f"6N a trained token, actor+critic, {step['precision']}")
                 evals = PAPER["steps"] // PAPER["eval_every"]
                 eval_s = step["generate_s"] * PAPER["eval_episodes"] / (puzzles * samples)
                 hours = (PAPER["steps"] * step["step_s"] + evals * eval_s) / 3600
                 record(f"speed/{shape}/paper_preset_hours", hours, None,
                        f"responses at the {new_tokens}-token limit: an upper bound; the paper: about "
                        f"{PAPER['hours']:g} h on one GPU")
+
+            for shape in shapes:
+                guarded(f"speed/{shape}", lambda shape=shape: speed(shape))
     results["elapsed_s"] = time.perf_counter() - started
     Path(args.out).write_text(json.dumps(results, indent=2))
     failed = [k for k, v in results["checks"].items() if v["pass"] is False]

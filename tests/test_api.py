@@ -4,6 +4,7 @@ elsewhere these tests are skipped unless `SPA_REQUIRE_LLAMA=1` (then a missing s
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -98,7 +99,7 @@ def test_an_api_model_is_evaluated_like_a_local_one(server, key, tmp_path):
     api, local = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("api", "local"))
     assert api["config"]["backend"] == "api" and api["config"]["api_base"] == server
     assert api["episodes"] == local["episodes"] == 8
-    assert set(local) - set(api) == set(), "every metric of a local evaluation"
+    assert set(local) - set(api) == {"mean_response_tokens"}, "every metric of a local evaluation but token counts"
     assert abs(api["format_rate"] - local["format_rate"]) <= 0.35, (api["format_rate"], local["format_rate"])
     episodes = read_jsonl(tmp_path / "api" / "trajectories.jsonl")
     assert len(episodes) == 8 and all(e["turns"] for e in episodes)
@@ -119,8 +120,11 @@ def test_an_interrupted_api_evaluation_asks_only_for_what_it_lacks(server, key, 
         real_init(self, *a, **k)
         made.append(self)
 
+    calls = {"n": 0}
+
     def ask_then_die(self, *a, **k):
-        if self.asked >= 5:
+        calls["n"] += 1
+        if calls["n"] > 5:
             raise KeyboardInterrupt
         return real_ask(self, *a, **k)
 
@@ -133,7 +137,8 @@ def test_an_interrupted_api_evaluation_asks_only_for_what_it_lacks(server, key, 
     kept = read_jsonl(tmp_path / "e" / RESPONSES_FILE)
     assert len(kept) == 5
     monkeypatch.setattr(api_module.ApiPolicy, "_ask", real_ask)
-    metrics = evaluate(config, quiet=True)
+    faster = dataclasses.replace(config, api=dataclasses.replace(config.api, api_concurrency=4, api_timeout=300))
+    metrics = evaluate(faster, quiet=True)  # how the answers are fetched may change on resume; what is asked not
     second = made[-1]
     turns = sum(len(e["turns"]) for e in read_jsonl(tmp_path / "e" / "trajectories.jsonl"))
     assert second.replayed == 5 and second.asked == turns - 5 and metrics["episodes"] == 8
@@ -150,9 +155,12 @@ def test_the_servers_refusals_are_one_line_each(server, key, tmp_path, monkeypat
     ]
     monkeypatch.setenv("SPA_WRONG_KEY", "wrong")
     for flags, message in cases:
-        assert main(["eval", *flags, *SMALL]) != 0
+        assert main(["eval", *flags, *SMALL, "--out", str(tmp_path / "refused")]) != 0
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # a refused start lost nothing and blocks nothing: the corrected command runs in the same directory
+    assert main(["eval", "--api-base", server, "--model", "smollm2", *key, *SMALL, "--api-timeout", "300",
+                 "--out", str(tmp_path / "refused")]) == 0
 
 
 class _NoText(BaseHTTPRequestHandler):

@@ -225,10 +225,17 @@ def test_the_k_estimators_gradients_as_a_loss():
 def test_preference_pairs_within_groups_largest_difference_first_ties_dropped():
     scores = T([1.0, 0.0, 0.5, 0.0, 2.0, 2.0, 3.0])
     groups = T([0, 0, 0, 0, 1, 1, 2])
-    # group 0: 1>0 (rows 0,1; 0,3) by 1.0, 1>0.5 (0,2) and 0.5>0 (2,1; 2,3) by 0.5; group 1 ties; group 2 alone
-    assert preference_pairs(scores, groups).tolist() == [[0, 1], [0, 3], [0, 2], [2, 1], [2, 3]]
+    # group 0: 1>0 (rows 0,1; 0,3) by 1.0 first; then by 0.5: (2,1) and (2,3), whose rows were used once, before
+    # (0,2), whose row 0 was used twice; group 1 ties; group 2 alone
+    assert preference_pairs(scores, groups).tolist() == [[0, 1], [0, 3], [2, 1], [2, 3], [0, 2]]
     assert preference_pairs(scores, groups, per_group=2).tolist() == [[0, 1], [0, 3]]
     assert preference_pairs(T([1.0, 1.0]), T([0, 0])).shape == (0, 2)
+
+
+def test_a_cap_on_pairs_spreads_over_the_groups_winners_and_losers():
+    """Two wins and six losses, four pairs: both winners and four different losers, not one winner four times."""
+    pairs = preference_pairs(T([1.0, 1.0, 0, 0, 0, 0, 0, 0]), T([0] * 8), per_group=4).tolist()
+    assert pairs == [[0, 2], [1, 3], [0, 4], [1, 5]]
 
 
 def test_dpo_and_ipo_losses_by_hand():

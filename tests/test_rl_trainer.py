@@ -725,7 +725,7 @@ def test_a_dpo_update_is_the_gradient_of_the_dpo_loss_on_the_agents_tokens_only(
     captured = []
     real_step = actor.step
     monkeypatch.setattr(actor, "step", lambda: captured.append([p.grad.clone() for p in actor.params]) or real_step())
-    stats = dpo_update(batch, config, Learners(actor, None, reference, None, tokenizer, actor.accelerator, False), 0)
+    stats = dpo_update(batch, config, Learners(actor, None, reference, None, tokenizer, actor.accelerator, False))
     assert stats["dpo/pairs"] == 1 and stats["rewards/accuracies"] in (0.0, 1.0)
     assert stats["losses/dpo_loss"] == pytest.approx(value, rel=1e-5)
     (got,) = captured
@@ -788,19 +788,26 @@ def test_offline_dpo_trains_on_a_collected_datasets_pairs(tiny_model_dir, tmp_pa
     from conftest import collect_data
 
     collect_data("frozenlake-det", tmp_path / "random", policy="random", puzzles=12, samples=4, format="plain",
-                 val_fraction=0.0)
+                 val_fraction=0.0, filter_malformed=False)
     result = train_rl(_config(tmp_path / "run", tiny_model_dir, steps=2, algorithm="dpo", format="plain",
                               dpo_data=str(tmp_path / "random"), puzzles_per_step=2, samples_per_puzzle=1,
                               eval_before=False), quiet=True)
     assert result["steps"] == 2 and "val/pass@1" in result
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "dpo/pairs" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(r["dpo/pairs"] > 0 for r in rows)
-    assert all(0 < r["data/success"] < 1 for r in rows) and "rollout/success" not in rows[0]
+    assert all(2 <= r["data/episodes"] <= 8 for r in rows) and "rollout/success" not in rows[0]  # (duplicates dropped)
     start = load_file(tiny_model_dir / "model.safetensors")
     moved = load_file(tmp_path / "run" / "model" / "model.safetensors")
     assert any(not torch.equal(start[k], moved[k]) for k in start)
     collect_data("frozenlake-det", tmp_path / "solver", policy="solver", puzzles=3, samples=2, format="plain",
+                 val_fraction=0.0, filter_malformed=False)
+    collect_data("frozenlake-det", tmp_path / "filtered", policy="random", puzzles=2, samples=2, format="plain",
                  val_fraction=0.0)
-    with pytest.raises(SpaError, match="no puzzle with both a success and a failure"):
-        train_rl(_config(tmp_path / "run2", tiny_model_dir, steps=1, algorithm="dpo", format="plain",
-                         dpo_data=str(tmp_path / "solver"), eval_before=False), quiet=True)
+    for data, settings, message in (
+            ("solver", {}, "no puzzle with both a success and a failure"),
+            ("filtered", {}, "collect it again with --no-filter"),
+            ("random", {"format": "world-model"}, "was collected with --format plain, this run plays --format world")):
+        with pytest.raises(SpaError, match=message):
+            train_rl(_config(tmp_path / f"run-{data}", tiny_model_dir, steps=1, algorithm="dpo",
+                             dpo_data=str(tmp_path / data), eval_before=False, **{"format": "plain", **settings}),
+                     quiet=True)

@@ -36,14 +36,15 @@ class ApiConfig(Config):
     api_base: str | None = setting(None, metavar="URL")
     """An OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1): --model names the model it serves, which plays
     through chat completions instead of being loaded (none: local weights)."""
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = setting("OPENAI_API_KEY", volatile=True)
     """The environment variable holding the API key (a local server without one needs none)."""
-    api_concurrency: int = setting(8, ge=1)
+    api_concurrency: int = setting(8, ge=1, volatile=True)
     """Requests in flight at once."""
-    api_timeout: float = setting(120.0, gt=0)
+    api_timeout: float = setting(120.0, gt=0, volatile=True)
     """Seconds a request may take."""
-    api_retries: int = setting(5, ge=0)
-    """Retries of a request that failed to connect, timed out or got 429 or 5xx, with exponential backoff."""
+    api_retries: int = setting(5, ge=0, volatile=True)
+    """Retries of a request that failed to connect, timed out or got 429 or 5xx, with exponential backoff. (These
+    four may change when an interrupted evaluation is resumed: they do not change the answers.)"""
 
     def check(self) -> None:
         if self.api_base is not None and not self.api_base.startswith(("http://", "https://")):
@@ -70,17 +71,23 @@ class ApiPolicy:
         self.client = openai.OpenAI(base_url=self.base, api_key=os.environ.get(config.api_key_env) or "none",
                                     max_retries=config.api_retries, timeout=config.api_timeout)
         self.answers = {row["key"]: row for row in read_jsonl(cache)} if cache is not None and cache.is_file() else {}
-        self.cache = JsonlAppender(cache) if cache is not None else None
         self.asked = self.replayed = 0
         """Requests sent to the API by this object; answers taken from the cache instead."""
-        self._check_model()
+        self._cache_path, self.cache = cache, None  # opened at the first answer: a refused start leaves no file
+        try:
+            self._check_model()
+        except BaseException:
+            self.client.close()
+            raise
 
     def _check_model(self) -> None:
         """Refuse a model the server does not list (a server without a model list is asked anyway)."""
         try:
             served = [m.id for m in self.client.models.list()]
-        except self.openai.NotFoundError:
-            return
+        except self.openai.APIStatusError as e:
+            if e.status_code in (404, 405, 501):  # no model list here: the first request will tell
+                return
+            raise self._error(e) from None
         except self.openai.APIError as e:
             raise self._error(e) from None
         if served and self.model not in served:
@@ -112,20 +119,30 @@ class ApiPolicy:
         todo = {k: turns[i] for i, k in enumerate(keys) if k not in self.answers}
         self.replayed += len(keys) - len(todo)
         if todo:
-            with ThreadPoolExecutor(min(self.config.api_concurrency, len(todo))) as pool:
-                futures = {pool.submit(self._ask, turn[2], sampling, key): key for key, turn in todo.items()}
-                try:
-                    for future in as_completed(futures):
-                        text, truncated = future.result()
-                        row = {"key": futures[future], "text": text, "truncated": truncated}
-                        self.answers[row["key"]] = row
-                        if self.cache is not None:
-                            self.cache.append(row)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+            pool = ThreadPoolExecutor(min(self.config.api_concurrency, len(todo)))
+            futures = {pool.submit(self._ask, turn[2], sampling, key): key for key, turn in todo.items()}
+            try:
+                for future in as_completed(futures):
+                    self._keep(futures[future], *future.result())
+            except BaseException:  # keep what has arrived; do not wait for the requests still out
+                for future, key in futures.items():
+                    if future.done() and not future.cancelled() and future.exception() is None \
+                            and key not in self.answers:
+                        self._keep(key, *future.result())
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()
         return [(self.answers[k]["text"], bool(self.answers[k]["truncated"])) for k in keys]
+
+    def _keep(self, key: str, text: str, truncated: bool) -> None:
+        """An answer that arrived: remembered, and appended to the cache file (main thread only)."""
+        row = {"key": key, "text": text, "truncated": truncated}
+        self.answers[key] = row
+        self.asked += 1
+        if self._cache_path is not None:
+            if self.cache is None:
+                self.cache = JsonlAppender(self._cache_path)
+            self.cache.append(row)
 
     def _ask(self, messages: list[dict[str, str]], sampling: Any, key: str) -> tuple[str, bool]:
         extra = {"top_k": sampling.top_k} if sampling.top_k > 0 else None  # vLLM's and llama.cpp's extension
@@ -137,7 +154,6 @@ class ApiPolicy:
                 max_tokens=sampling.max_new_tokens, seed=request_seed, extra_body=extra)
         except self.openai.APIError as e:
             raise self._error(e) from None
-        self.asked += 1
         if not reply.choices or reply.choices[0].message.content is None:
             reason = reply.choices[0].finish_reason if reply.choices else "no choices"
             raise SpaError(f"the API at {self.base} answered with no text ({reason}): is {self.model!r} a chat model?")

@@ -126,6 +126,7 @@ def manifest_of(config: CollectConfig) -> dict:
             "policy": config.policy, "model": config.model.model if config.uses_model else None,
             "samples": config.samples, "first_seed": config.first_seed, "round": config.round,
             "rewrite": config.rewrite, "copy_prediction": config.copy_prediction,
+            "filter_malformed": config.filter_malformed,
             "novelty_actor": config.novelty_actor if config.policy == "novelty" else None}
 
 

@@ -88,6 +88,8 @@ def evaluate(config: EvalConfig, quiet: bool = False) -> dict:
     if api is not None:
         say(f"api: {api.asked} answers asked, {api.replayed} replayed from the answers kept before", quiet)
     metrics = compute_metrics(episodes, config.samples)
+    if api is not None:  # an API returns text: there are no token ids to count
+        metrics.pop("mean_response_tokens", None)
     metrics["config"] = {"env": rc.env, "policy": config.policy, "render": rc.render, "format": rc.format,
                          "puzzles": config.puzzles, "samples": config.samples,
                          "temperature": rc.sampling.temperature, "max_new_tokens": rc.sampling.max_new_tokens,

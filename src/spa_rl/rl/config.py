@@ -43,7 +43,7 @@ class RLConfig(Seeded):
     learning within far fewer episodes; validation stays on the held-out puzzles."""
     keep_ratio: float = setting(0.25, gt=0, le=1)
     """Share of groups kept for the update: those with the highest within-group reward standard deviation
-    (1: keep all)."""
+    (1: keep all; dpo: unused, every group whose rewards differ gives pairs)."""
     algorithm: Literal["ppo", "dpo"] = "ppo"
     """ppo: the clipped policy gradient on advantages from --advantage (GRPO is PPO with --advantage grpo); dpo:
     iterated DPO, each step's episodes paired within their puzzle's group (a higher score chosen over a lower) and
@@ -56,8 +56,9 @@ class RLConfig(Seeded):
     dpo_pairs_per_group: int = setting(4, ge=0)
     """Pairs a group gives at most: each episode with each that scored lower, largest difference first (0: all)."""
     dpo_data: str | None = setting(None, metavar="DIR")
-    """Offline DPO: the pairs come from this `spa collect` dataset (its puzzles with both a success and a failure,
-    puzzles_per_step of them a step, cycled) instead of the current policy's play (none: iterated, on-policy)."""
+    """Offline DPO: the pairs come from this `spa collect` dataset (collected with --no-filter, so that failures
+    keep their mistakes; its puzzles with both a success and a failure, puzzles_per_step of them a step, cycled)
+    instead of the current policy's play (none: iterated, on-policy)."""
     dpo_sft_coef: float = setting(0.0, ge=0)
     """Weight of a negative log-likelihood term on the chosen episodes' agent tokens (RPO; keeps the format the
     warm start taught; 0: off)."""

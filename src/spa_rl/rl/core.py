@@ -204,16 +204,22 @@ def keep_most_varied_groups(group_std: torch.Tensor, keep_ratio: float) -> torch
 
 
 def preference_pairs(scores: torch.Tensor, group_index: torch.Tensor, per_group: int = 0) -> torch.Tensor:
-    """DPO's pairs from groups of episodes (the samples of one puzzle): within each group, every episode paired
-    with every one that scored strictly lower (ties make no pair), the largest score difference first (then by
-    row), at most `per_group` pairs a group (0: all). `scores`, `group_index`: [N]. Returns [P, 2] row indices
-    (chosen, rejected), groups in order of their index."""
+    """DPO's pairs from groups of episodes (the samples of one puzzle): within each group, episodes paired with
+    ones that scored strictly lower (ties make no pair), at most `per_group` pairs a group (0: all of them). Pairs
+    are taken largest score difference first; among equal differences, the pair whose two episodes have been used
+    least so far (then by row), so a cap spreads over the group's episodes instead of pairing one winner with
+    every loser. `scores`, `group_index`: [N]. Returns [P, 2] row indices (chosen, rejected), groups in order."""
     pairs: list[tuple[int, int]] = []
     for g in torch.unique(group_index).tolist():
         rows = (group_index == g).nonzero().flatten().tolist()
-        found = sorted(((float(scores[a] - scores[b]), a, b) for a in rows for b in rows if scores[a] > scores[b]),
-                       key=lambda x: (-x[0], x[1], x[2]))
-        pairs += [(a, b) for _, a, b in (found[:per_group] if per_group else found)]
+        candidates = [(float(scores[a] - scores[b]), a, b) for a in rows for b in rows if scores[a] > scores[b]]
+        uses = dict.fromkeys(rows, 0)
+        for _ in range(min(len(candidates), per_group or len(candidates))):
+            best = min(candidates, key=lambda c: (-c[0], uses[c[1]] + uses[c[2]], c[1], c[2]))
+            candidates.remove(best)
+            pairs.append((best[1], best[2]))
+            uses[best[1]] += 1
+            uses[best[2]] += 1
     return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
 
 

@@ -151,22 +151,35 @@ def build_trajectory(episode: Episode, tokenizer: Any, group: int, *, placement:
     return Trajectory(ids, mask, list(sampled), logprobs, rewards, group, float(sum(turn_rewards)), raw, wm)
 
 
-def dataset_groups(data_dir: str, tokenizer: Any, env: str) -> list[list[Trajectory]]:
+def dataset_groups(data_dir: str, tokenizer: Any, env: str, fmt: str, render: str) -> list[list[Trajectory]]:
     """Offline DPO's groups: the episodes of a `spa collect` dataset (train.jsonl; each trajectory's turns as one
     sequence, the loss on every assistant turn) grouped by puzzle, score 1 for a success and 0 otherwise, keeping
     the puzzles with both (the others give no pair), in seed order. No sampled tokens: the data's policy is not the
-    one being trained."""
-    train, _, _ = load_dataset(data_dir, expected_env=env)
+    one being trained. The dataset must keep malformed turns (`--no-filter`: a filtered failure is cut before its
+    mistake) and match the run's format and render."""
+    train, _, manifest = load_dataset(data_dir, expected_env=env)
+    if manifest.get("filter_malformed", True):
+        raise SpaError(f"{data_dir} was collected with malformed turns dropped, which cuts each failure before its "
+                       f"mistake: collect it again with --no-filter for offline DPO")
+    for name, want in (("format", fmt), ("render", render)):
+        if manifest.get(name) != want:
+            raise SpaError(f"{data_dir} was collected with --{name} {manifest.get(name)}, this run plays --{name} "
+                           f"{want}: use the same (or another dataset)")
     by_trajectory: dict[str, list[dict]] = {}
-    for row in train:
-        by_trajectory.setdefault(str(row.get("meta", {}).get("trajectory")), []).append(row)
+    for n, row in enumerate(train, 1):
+        meta = row.get("meta", {})
+        if "trajectory" not in meta or "seed" not in meta:
+            raise SpaError(f"{data_dir}/train.jsonl row {n} has no trajectory or puzzle seed in its meta: offline DPO "
+                           f"needs a dataset made by `spa collect`")
+        by_trajectory.setdefault(str(meta["trajectory"]), []).append(row)
     by_seed: dict[int, list[Trajectory]] = {}
-    for rows in by_trajectory.values():
-        meta = rows[0].get("meta", {})
-        if "seed" not in meta:
-            raise SpaError(f"{data_dir} has rows without a puzzle seed in their meta: offline DPO needs a dataset made "
-                           f"by `spa collect`")
-        messages, targets = pack_trajectories(rows)[0]
+    for key, rows in by_trajectory.items():
+        meta = rows[0]["meta"]
+        packed = pack_trajectories(rows)
+        if len(packed) != 1:
+            raise SpaError(f"{data_dir}: the turns of trajectory {key} do not make one conversation (each turn's row "
+                           f"must extend the previous one): collect the dataset again")
+        messages, targets = packed[0]
         ids, mask = encode_conversation(tokenizer, messages, "full", targets)
         zeros = [0.0] * len(ids)
         by_seed.setdefault(int(meta["seed"]), []).append(

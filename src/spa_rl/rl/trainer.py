@@ -323,7 +323,8 @@ def train_rl(config: RLConfig, quiet: bool = False) -> dict:
     config = plan_memory(config, learners, quiet)
     engine = RolloutEngine(config.rollout, make_backend(config.rollout.backend, learners.rollout_lm,
                                                         learners.tokenizer), learners.tokenizer)
-    data = dataset_groups(config.dpo_data, learners.tokenizer, config.rollout.env) if config.dpo_data else None
+    data = (dataset_groups(config.dpo_data, learners.tokenizer, config.rollout.env, config.rollout.format,
+                           config.rollout.render) if config.dpo_data else None)
     step = resume(ckpt, learners, config.steps, quiet)
     log = RunLogger(out.path, config.log, to_dict(config), resume_step=step) if learners.main else None
     meta = {"stage": "rl", "config": to_dict(config), "precision": learners.actor.precision.name,
@@ -435,7 +436,7 @@ def rl_step(step: int, config: RLConfig, engine: RolloutEngine, learners: Learne
     t_score = time.perf_counter() - t0
     t0 = time.perf_counter()
     if config.algorithm == "dpo":  # 5-6. DPO: pairs within the groups, epochs over them (no advantages, no critic)
-        stats = dpo_update(batch, config, learners, step)
+        stats = dpo_update(batch, config, learners)
         train_actor = stats["dpo/pairs"] > 0
     else:
         # 5. advantages (one pass with a critic: the critic's forward and backward run now, and give the values)
@@ -466,7 +467,7 @@ def offline_step(step: int, config: RLConfig, data: list[list[Trajectory]], lear
     score(batch, config, learners)
     t_score = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stats = dpo_update(batch, config, learners, step)
+    stats = dpo_update(batch, config, learners)
     return {**stats, "data/success": float(torch.tensor([t.score for t in everything]).mean()),
             "data/episodes": float(len(everything)), "rollout/kept_group_std": float(stds[chosen].mean()),
             "rollout/actor_updated": float(stats["dpo/pairs"] > 0), "time/score": t_score,
@@ -493,14 +494,18 @@ def to_trajectories(episodes: list[Episode], seeds: list[int], config: RLConfig,
 def choose_groups(trajectories: list[Trajectory], config: RLConfig, learners: Learners
                   ) -> tuple[list[Trajectory], list[Trajectory], torch.Tensor, torch.Tensor]:
     """(every process's trajectories, this process's share of the kept ones, each group's reward standard deviation
-    [G], the indices of the kept groups): the `keep_ratio` of groups whose rewards vary most."""
+    [G], the indices of the kept groups): the `keep_ratio` of groups whose rewards vary most (DPO: every group
+    whose rewards vary)."""
     everything = gather_object(trajectories) if learners.world > 1 else trajectories
     group_scores: dict[int, list[float]] = {}
     for t in everything:
         group_scores.setdefault(t.group, []).append(t.score)
     group_ids = sorted(group_scores)
     stds = torch.tensor([torch.tensor(group_scores[g]).std(unbiased=False).item() for g in group_ids])
-    chosen = core.keep_most_varied_groups(stds, config.keep_ratio)
+    if config.algorithm == "dpo":  # every group whose scores differ gives pairs (one group at least, for the batch)
+        chosen = (stds > 0).nonzero().flatten() if (stds > 0).any() else torch.tensor([0])
+    else:
+        chosen = core.keep_most_varied_groups(stds, config.keep_ratio)
     mine = {group_ids[i] for i in chosen.tolist()[learners.rank::learners.world]}
     return everything, [t for t in everything if t.group in mine], stds, chosen
 
@@ -755,7 +760,7 @@ def _critic_minibatch(batch: Batch, minibatch: list[int], weights: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------ DPO
-def dpo_update(batch: Batch, config: RLConfig, learners: Learners, step: int) -> dict[str, float]:
+def dpo_update(batch: Batch, config: RLConfig, learners: Learners) -> dict[str, float]:
     """DPO epochs over the step's pairs (`core.preference_pairs` within each kept group), one optimizer step an
     epoch over all of them. The loss depends on each episode only through its log-probability, so its gradient is
     taken in two passes that hold one micro-batch at a time: a pass without gradients gives every episode's
@@ -805,7 +810,8 @@ def dpo_update(batch: Batch, config: RLConfig, learners: Learners, step: int) ->
             stats["losses/sft_nll"] = nll
         stats = learners.sum(stats)
         for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v / (totals["chosen_tokens"] if k == "losses/sft_nll" else totals["pairs"])
+            sums[k] = sums.get(k, 0.0) + v / (max(totals["chosen_tokens"], 1.0) if k == "losses/sft_nll"
+                                              else totals["pairs"])
         sums["losses/grad_norm"] = sums.get("losses/grad_norm", 0.0) + actor.step()
     return {**out, **{k: v / config.ppo_epochs for k, v in sums.items()}}
 
