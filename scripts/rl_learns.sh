@@ -7,8 +7,10 @@
 #   bash scripts/rl_learns.sh                 # defaults below; settings by environment variable:
 #   SEED=1 LR=5e-6 STEPS=40 PER_STEP=16 SAMPLES=8 bash scripts/rl_learns.sh
 #   EXTRA="--kl-coef 0.05" TAG=-kl bash scripts/rl_learns.sh     # any other `spa train` flags, and a name for them
+#   ALGO=dpo EXTRA="--dpo-sft-coef 0.1" bash scripts/rl_learns.sh  # iterated DPO instead of GRPO
 # Writes runs/learns/solver (the SFT data), runs/learns/sft-e$EPOCHS (the starting checkpoint) and
-# runs/learns/grpo-e$EPOCHS-lr$LR-p${PER_STEP}x$SAMPLES$TAG-s$SEED (the RL run: metrics.jsonl, curves.png). Every stage resumes when rerun.
+# runs/learns/$ALGO-e$EPOCHS-lr$LR-p${PER_STEP}x$SAMPLES$TAG-s$SEED (the RL run: metrics.jsonl, curves.png). Every stage
+# resumes when rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPA=".venv/bin/spa"
@@ -20,7 +22,8 @@ LR=${LR:-1e-5}
 STEPS=${STEPS:-20}
 EVERY=${EVERY:-10}
 PER_STEP=${PER_STEP:-8}    # puzzles per step
-SAMPLES=${SAMPLES:-4}      # samples per puzzle (GRPO's group)
+SAMPLES=${SAMPLES:-4}      # samples per puzzle (GRPO's group; DPO's pairs come from it)
+ALGO=${ALGO:-grpo}         # grpo (PPO with group-normalised advantages) or dpo
 OUT=runs/learns
 if [[ ! -f $OUT/solver/manifest.json ]]; then
   "$SPA" collect --env $ENV --policy solver --format plain --puzzles "$PUZZLES" --samples 1 --val-fraction 0.05 \
@@ -30,7 +33,8 @@ SFT=$OUT/sft-e$EPOCHS
 if [[ ! -f $SFT/result.json ]]; then
   "$SPA" sft --data $OUT/solver --env $ENV --epochs "$EPOCHS" --out "$SFT"
 fi
-"$SPA" train --init "$SFT/model" --env $ENV --format plain --advantage grpo --keep-ratio 1 --seed "$SEED" \
+if [[ $ALGO == dpo ]]; then METHOD="--algorithm dpo"; else METHOD="--advantage grpo"; fi
+"$SPA" train --init "$SFT/model" --env $ENV --format plain $METHOD --keep-ratio 1 --seed "$SEED" \
   --steps "$STEPS" --puzzles-per-step "$PER_STEP" --samples-per-puzzle "$SAMPLES" \
   --minibatch-size $((PER_STEP * SAMPLES)) --actor-lr "$LR" --eval-every "$EVERY" --eval-puzzles 64 \
-  --eval-samples 4 --save-every 5 ${EXTRA:-} --out "$OUT/grpo-e$EPOCHS-lr$LR-p${PER_STEP}x$SAMPLES${TAG:-}-s$SEED"
+  --eval-samples 4 --save-every 5 ${EXTRA:-} --out "$OUT/$ALGO-e$EPOCHS-lr$LR-p${PER_STEP}x$SAMPLES${TAG:-}-s$SEED"
