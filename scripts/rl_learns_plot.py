@@ -1,5 +1,5 @@
-"""The picture of "RL that learns?" (docs/results.md, README): validation Pass@1 against the RL step of the GRPO runs
-of `scripts/rl_learns.sh`, with the starting policy's Pass@1 and random play's as lines.
+"""The picture of "RL that learns?" (docs/results.md, README): validation Pass@1 against the RL step of the GRPO (and
+DPO) runs of `scripts/rl_learns.sh`, with the starting policy's Pass@1 and random play's as lines.
 
     python scripts/rl_learns_plot.py runs/learns docs/rl_learns.png
 
@@ -23,6 +23,8 @@ LABELS = {  # run directory -> legend (the runs of docs/results.md, "RL that lea
     "grpo-e2-lr5e-4-p8x4-lora-fresh-s0": "5: LoRA, lr 5e-4 (seed 0)",
     "grpo-e2-lr5e-4-p8x4-lora-fresh-60-s0": "6: LoRA, lr 5e-4 (seed 0, again)",
     "grpo-e2-lr5e-4-p8x4-lora-fresh-s1": "7: LoRA, lr 5e-4 (seed 1)",
+    "grpo-e2-lr5e-4-p8x4-lora-fresh-60-s2": "8: LoRA, lr 5e-4 (seed 2)",
+    "dpo-e2-lr5e-4-p8x4-lora-fresh-s0": "DPO: LoRA, lr 5e-4 (seed 0)",
 }
 
 
@@ -42,14 +44,14 @@ def main() -> None:
         points = {r["step"]: 100 * r["val/pass@1"] for r in read_jsonl(path) if "val/pass@1" in r}
         points.setdefault(0, args.start)
         steps = sorted(points)
-        lora = "LoRA" in label
-        ax.plot(steps, [points[s] for s in steps], "o-" if lora else "s--", lw=2 if lora else 1,
+        lora, dpo = "LoRA" in label, label.startswith("DPO")
+        ax.plot(steps, [points[s] for s in steps], "^:" if dpo else "o-" if lora else "s--", lw=2 if lora else 1,
                 alpha=1 if lora else 0.6, label=label)
     ax.axhline(args.start, color="gray", lw=1, ls=":", label="the SFT policy (start)")
     ax.axhline(args.random, color="black", lw=1, ls="-.", label="random play")
     ax.set_xlabel("RL step (32 episodes each; run 3: 128)")
     ax.set_ylabel("validation Pass@1, % (64 puzzles x 4)")
-    ax.set_title("GRPO from the 135M model after SFT on a solver, FrozenLake 4x4 deterministic", fontsize=9)
+    ax.set_title("RL from the 135M model after SFT on a solver, FrozenLake 4x4 deterministic", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
