@@ -80,6 +80,19 @@ def tiny_model_dir(tokenizer, tmp_path_factory):
     return path
 
 
+def killed_on_call(fn, n: int):
+    """`fn` that raises KeyboardInterrupt (a kill) on its `n`-th call instead of running; the calls before run."""
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def collect_data(env: str, out, **settings):
     """`spa collect` from Python: settings by name, as on the command line (quiet)."""
     from spa_rl.collect import CollectConfig, collect

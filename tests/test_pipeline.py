@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from conftest import killed_on_call
 
 from spa_rl.cli import main
 from spa_rl.config import to_dict
@@ -91,16 +92,8 @@ def test_a_killed_run_resumes_from_the_stage_it_was_in(tmp_path, monkeypatch):
 
         monkeypatch.setattr(run, target, interrupted)
         if stage == "eval":  # before eval, RL: killed after its first step
-            steps = {"n": 0}
             rl_step = trainer.rl_step
-
-            def second_step_killed(*a, _steps=steps, _rl_step=rl_step, **k):
-                _steps["n"] += 1
-                if _steps["n"] == 2:
-                    raise KeyboardInterrupt
-                return _rl_step(*a, **k)
-
-            monkeypatch.setattr(trainer, "rl_step", second_step_killed)
+            monkeypatch.setattr(trainer, "rl_step", killed_on_call(rl_step, 2))
             with pytest.raises(KeyboardInterrupt):
                 run_pipeline(_config("spa", killed), quiet=True)
             monkeypatch.setattr(trainer, "rl_step", rl_step)

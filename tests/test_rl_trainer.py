@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import launch_errors, two_process_launch
+from conftest import killed_on_call, launch_errors, two_process_launch
 from safetensors.torch import load_file
 
 from spa_rl.cli import main
@@ -64,15 +64,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path
 
     straight = train_rl(_config(tmp_path / "a", tiny_model_dir, steps=3, save_every=1), quiet=True)
     original = trainer.rl_step
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    monkeypatch.setattr(trainer, "rl_step", flaky)
+    monkeypatch.setattr(trainer, "rl_step", killed_on_call(original, 3))
     with pytest.raises(KeyboardInterrupt):
         train_rl(_config(tmp_path / "b", tiny_model_dir, steps=3, save_every=1), quiet=True)
     monkeypatch.setattr(trainer, "rl_step", original)
@@ -761,15 +753,8 @@ def test_dpo_runs_end_to_end_logs_trls_names_and_resumes_exactly(tiny_model_dir,
     assert rows[0]["losses/dpo_loss"] == pytest.approx(math.log(2), rel=1e-4)
     assert 0 <= rows[-1]["rewards/accuracies"] <= 1 and "losses/value_loss" not in rows[0]
     assert not (tmp_path / "a" / "critic").exists() and (tmp_path / "a" / "curves.png").is_file()
-    original, calls = trainer.rl_step, {"n": 0}
-
-    def killed(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    monkeypatch.setattr(trainer, "rl_step", killed)
+    original = trainer.rl_step
+    monkeypatch.setattr(trainer, "rl_step", killed_on_call(original, 3))
     with pytest.raises(KeyboardInterrupt):
         train_rl(_config(tmp_path / "b", tiny_model_dir, **settings), quiet=True)
     monkeypatch.setattr(trainer, "rl_step", original)
