@@ -128,7 +128,7 @@ def test_another_recipe_in_a_runs_directory_is_refused_in_one_line(finished_run,
 
 def test_an_unknown_recipe_preset_or_stage_is_refused(tmp_path, capsys):
     assert main(["run", "nope", "--out", str(tmp_path / "x")]) == 2
-    assert "unknown recipe 'nope': use one of spa, spa-masked" in capsys.readouterr().err
+    assert "unknown recipe 'nope': use one of spa, spa-dpo, spa-masked" in capsys.readouterr().err
     assert main(["run", "spa", "--preset", "huge", "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset 'huge': use one of cpu, paper, smoke" in capsys.readouterr().err
     with pytest.raises(SpaError, match="unknown stages"):
