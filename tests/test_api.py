@@ -51,7 +51,7 @@ def _gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     """llama.cpp's server on the embedded model, at a free loopback port, asking for the key `KEY`."""
     python = _llama_python()
     if python is None:
@@ -59,7 +59,7 @@ def server():
             pytest.fail("SPA_REQUIRE_LLAMA=1 but no llama-cpp-python server: build it (see .ci/run)")
         pytest.skip("llama-cpp-python's server is not installed (.ci/run builds it into .venv-llama)")
     port = _free_port()
-    log = open(ROOT / ".pytest_cache" / f"llama-server-{port}.log", "w")  # noqa: SIM115 - closed below
+    log = open(tmp_path_factory.mktemp("llama") / "server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(_gguf()), "--model_alias", "smollm2",
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--api_key", KEY,
                              "--n_threads", "2", "--verbose", "False"], stdout=log, stderr=subprocess.STDOUT)
